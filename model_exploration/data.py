@@ -1,0 +1,284 @@
+"""Loading, cleaning, splitting and caching the sources of a mixture.
+
+Each source becomes a Dataset with columns anchor, positive[, negative] (texts, stripped, empty rows dropped and
+counted) plus a held-out validation split drawn with a fixed seed. Official hub test splits are never loaded:
+every loader reads `split` (train by default) only.
+
+Cache semantics: global rank 0 builds each source once into `<cache_dir>/<name>-<key>` (the key hashes the
+source spec, --nrows, --seed and the validation size), writing to a temporary folder that is renamed into place
+and marked complete last; other ranks wait at a barrier and read it. A folder without the marker is rebuilt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import html
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
+
+import distributed
+from errors import UserError
+from sources import SourceSpec, expand_hub_configs
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT_VERSION = 1
+COMPLETE_MARKER = "_COMPLETE.json"
+ARXIV_HINT = "python data_prep/download_arxiv.py --out_dir data/arxiv"
+_XML_TAG = re.compile(r"<[^>]+>")
+_WHITESPACE = re.compile(r"\s+")
+
+
+@dataclasses.dataclass
+class SourceData:
+    spec: SourceSpec
+    train: Dataset
+    validation: Dataset
+    dropped_empty: int
+    cache_path: Path
+
+
+# ---------------------------------------------------------------- reading raw rows
+
+
+def _read_jsonl(path: Path, source: str, nrows: int | None) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if nrows is not None and len(rows) >= nrows:
+                break
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise UserError(
+                    f"source {source!r}: malformed JSON at {path}:{lineno} ({exc.msg}); fix or remove that line"
+                ) from None
+    return rows
+
+
+def _load_hub(spec: SourceSpec, nrows: int | None) -> Dataset:
+    from datasets import load_dataset
+
+    kwargs = {"name": spec.config, "data_dir": spec.data_dir, "data_files": spec.data_files, "split": spec.split}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    try:
+        if nrows is not None:  # smoke tests stream the first rows instead of downloading the whole source
+            return Dataset.from_list(list(load_dataset(spec.hub, streaming=True, **kwargs).take(nrows)))
+        return load_dataset(spec.hub, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any loader failure becomes one actionable line
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"source {spec.name!r}: cannot load hub dataset {spec.hub}"
+            f"{f' [{spec.config}]' if spec.config else ''} ({reason}); check the id, network and HF token, "
+            "or drop it with --disable_sources"
+        ) from None
+
+
+def _load_raw(spec: SourceSpec, nrows: int | None) -> Dataset | list[dict[str, Any]]:
+    """A hub source as a Dataset; a local file as its parsed rows (JSON lines may mix types Arrow cannot hold)."""
+    if spec.loader == "hub":
+        return _load_hub(spec, nrows)
+    path = spec.local_path()
+    if not path.exists():
+        if spec.loader == "arxiv_kaggle":
+            raise UserError(f"source {spec.name!r}: arXiv snapshot not found at {path}; download it with: {ARXIV_HINT}")
+        raise UserError(f"source {spec.name!r}: file not found: {path}")
+    rows = _read_jsonl(path, spec.name, nrows)
+    if not rows:
+        raise UserError(f"source {spec.name!r}: {path} has no rows")
+    return rows
+
+
+# ---------------------------------------------------------------- columns and cleaning
+
+_PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def resolve_path(row: dict[str, Any], path: str) -> Any:
+    """Value at a column path such as `text`, `texts[1]` or `positives.docs[0]`; KeyError if absent."""
+    value: Any = row
+    for key, index in _PATH_TOKEN.findall(path):
+        if key:
+            if not isinstance(value, dict) or key not in value:
+                raise KeyError(key)
+            value = value[key]
+        else:
+            if not isinstance(value, (list, tuple)) or int(index) >= len(value):
+                raise KeyError(f"[{index}]")
+            value = value[int(index)]
+    return value
+
+
+def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return " ".join(_as_text(v) for v in value)
+    return str(value)
+
+
+def _clean(text: str, cleaner: str | None) -> str:
+    if cleaner == "strip_xml":
+        text = html.unescape(_XML_TAG.sub("", text))
+    if cleaner in ("strip_xml", "normalize_whitespace"):
+        text = _WHITESPACE.sub(" ", text)
+    return text.strip()
+
+
+def _check_columns(spec: SourceSpec, first: dict[str, Any]) -> None:
+    wanted = [spec.pair_from_list] if spec.pair_from_list else [c for c in (spec.anchor, spec.positive, spec.negative) if c]
+    for path in wanted:
+        try:
+            resolve_path(first, path)
+        except KeyError:
+            raise UserError(
+                f"source {spec.name!r}: column {path!r} not found (columns: {list(first)}); "
+                "fix its anchor/positive/negative in the mixture registry"
+            ) from None
+
+
+def _extract_batch(batch: dict[str, list], indices: list[int], spec: SourceSpec, seed: int) -> dict[str, list[str]]:
+    return _extract_rows([dict(zip(batch, values)) for values in zip(*batch.values())], indices, spec, seed)
+
+
+def _extract_rows(rows: list[dict[str, Any]], indices: list[int], spec: SourceSpec, seed: int) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {c: [] for c in spec.columns}
+    for row, index in zip(rows, indices):
+        if spec.pair_from_list:
+            members = [m for m in (row.get(spec.pair_from_list) or []) if _as_text(m).strip()]
+            # Seeded per row, so the pair drawn does not depend on batching or worker count.
+            pair = random.Random(f"{seed}:{index}").sample(members, 2) if len(members) >= 2 else ["", ""]
+            texts = dict(zip(("anchor", "positive"), pair))
+        else:
+            paths = dict(zip(("anchor", "positive", "negative"), (spec.anchor, spec.positive, spec.negative)))
+            texts = {}
+            for column in spec.columns:
+                try:
+                    texts[column] = resolve_path(row, paths[column])
+                except KeyError:
+                    texts[column] = ""  # a ragged row (e.g. one text in `texts`) counts as empty and is dropped
+        for column in spec.columns:
+            out[column].append(_clean(_as_text(texts[column]), spec.clean))
+    return out
+
+
+def to_pairs(spec: SourceSpec, raw: Dataset | list[dict[str, Any]], seed: int) -> tuple[Dataset, int]:
+    """Map a raw source to anchor/positive[/negative] texts; returns (pairs, rows dropped for empty text)."""
+    _check_columns(spec, raw[0])
+    if isinstance(raw, list):
+        pairs = Dataset.from_dict(_extract_rows(raw, list(range(len(raw))), spec, seed))
+    else:
+        pairs = raw.map(
+            _extract_batch,
+            batched=True,
+            with_indices=True,
+            remove_columns=raw.column_names,
+            fn_kwargs={"spec": spec, "seed": seed},
+            desc=f"columns {spec.name}",
+        )
+    kept = pairs.filter(lambda row: all(row[c] for c in spec.columns), desc=f"drop empty {spec.name}")
+    dropped = len(pairs) - len(kept)
+    if len(kept) == 0:
+        raise UserError(
+            f"source {spec.name!r}: all {len(pairs)} rows have an empty anchor/positive/negative text; "
+            "check its column mapping in the mixture registry"
+        )
+    if dropped:
+        logger.warning("source %s: dropped %d of %d rows with empty texts", spec.name, dropped, len(pairs))
+    return kept, dropped
+
+
+def _load_pairs(spec: SourceSpec, nrows: int | None, seed: int) -> tuple[Dataset, int]:
+    if not spec.replay_of:
+        return to_pairs(spec, _load_raw(spec, nrows), seed)
+    # Stage-1 replay: a bounded sample of each Stage-1 source, as plain pairs (negatives dropped).
+    parts, dropped = [], 0
+    limit = spec.rows_per_source if nrows is None else min(nrows, spec.rows_per_source)
+    for member in (m for s in spec.replay_of for m in expand_hub_configs(s)):
+        pairs, n_dropped = to_pairs(member, _load_raw(member, limit), seed)
+        parts.append(pairs.select_columns(["anchor", "positive"]))
+        dropped += n_dropped
+    return concatenate_datasets(parts), dropped
+
+
+# ---------------------------------------------------------------- caching
+
+
+def cache_key(spec: SourceSpec, nrows: int | None, seed: int, max_eval: int) -> str:
+    payload = f"{CACHE_FORMAT_VERSION}|{spec.fingerprint()}|{nrows}|{seed}|{max_eval}"
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cache_path_for(cache_dir: Path, spec: SourceSpec, nrows: int | None, seed: int, max_eval: int) -> Path:
+    return Path(cache_dir) / f"{spec.name.replace('/', '__')}-{cache_key(spec, nrows, seed, max_eval)}"
+
+
+def _split_validation(pairs: Dataset, max_eval: int, seed: int) -> tuple[Dataset, Dataset]:
+    """Hold out up to `max_eval` rows (never more than a tenth of the source); 0 means no validation."""
+    n_eval = min(max_eval, len(pairs) // 10)
+    if n_eval <= 0:
+        return pairs, pairs.select([])
+    split = pairs.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
+    return split["train"], split["test"]
+
+
+def cached_build(path: Path, build) -> dict:
+    """Build a cache folder once: rank 0 calls build(tmp_dir) -> metadata, in a temporary folder that is renamed
+    into place with a completion marker written last; the other ranks wait and read. A folder without the marker
+    (a killed build) is rebuilt. Returns the metadata."""
+    path = Path(path)
+    with distributed.rank0_first() as builder:
+        if builder and not (path / COMPLETE_MARKER).exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+            try:
+                meta = build(tmp)
+                (tmp / COMPLETE_MARKER).write_text(json.dumps(meta))
+                if path.exists():  # an incomplete leftover of a killed run
+                    shutil.rmtree(path)
+                os.replace(tmp, path)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return json.loads((path / COMPLETE_MARKER).read_text())
+
+
+def load_source(spec: SourceSpec, cache_dir: Path, nrows: int | None, seed: int, max_eval: int) -> SourceData:
+    path = cache_path_for(cache_dir, spec, nrows, seed, max_eval)
+
+    def build(tmp: Path) -> dict:
+        logger.info("building cache for source %s -> %s", spec.name, path)
+        pairs, dropped = _load_pairs(spec, nrows, seed)
+        train, validation = _split_validation(pairs, max_eval, seed)
+        DatasetDict({"train": train, "validation": validation}).save_to_disk(str(tmp / "data"))
+        return {"source": spec.name, "train": len(train), "validation": len(validation), "dropped_empty": dropped}
+
+    meta = cached_build(path, build)
+    splits = load_from_disk(str(path / "data"))
+    return SourceData(spec, splits["train"], splits["validation"], meta["dropped_empty"], path)
+
+
+def load_and_cache_datasets(
+    specs: list[SourceSpec],
+    cache_dir: Path,
+    nrows: int | None = None,
+    seed: int = 42,
+    max_eval: int = 20,
+    n_data_src: int | None = None,
+) -> list[SourceData]:
+    """Every (expanded) source of the mixture, cached; `n_data_src` keeps the first N for smoke tests."""
+    expanded = [m for spec in specs for m in expand_hub_configs(spec)]
+    if n_data_src is not None:
+        expanded = expanded[:n_data_src]
+    return [load_source(spec, cache_dir, nrows, seed, max_eval) for spec in expanded]

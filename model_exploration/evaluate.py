@@ -1,0 +1,156 @@
+"""Compare checkpoints on retrieval benchmarks and write results.json / .csv / .md and a bar chart per benchmark.
+
+    python model_exploration/evaluate.py --models M1 M2 --benchmarks nanobeir nasa_smd nasa_sde beir:PATH \\
+        --output_dir DIR [--precision ubinary] [--rescore_multiplier 4]
+
+A model is a hub id or a local SentenceTransformer folder (trainer checkpoints included). Re-running skips the
+model x benchmark pairs already in DIR (same precision settings); corpus embeddings are cached per model and
+benchmark under DIR/embeddings, so adding a precision or a metric does not re-encode a corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import evaluation
+from errors import UserError
+
+logger = logging.getLogger("evaluate")
+DONE_FILE = "evaluated.json"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", nargs="+", required=True, help="hub ids or local SentenceTransformer folders")
+    p.add_argument("--benchmarks", nargs="+", required=True, help="nanobeir, nasa_smd, nasa_sde, beir:PATH")
+    p.add_argument("--output_dir", required=True, type=Path)
+    p.add_argument("--precision", nargs="+", default=["float32"], choices=["float32", "ubinary"],
+                   help="one value for all models, or one per model; ubinary adds 1-bit Hamming search rows")
+    p.add_argument("--rescore_multiplier", type=int, default=0,
+                   help="ubinary: also re-rank the top k x this many Hamming hits with the float query (0 = off)")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--max_seq_length", type=int, default=None, help="default: each model's own")
+    p.add_argument("--no_charts", action="store_true", help="skip the PNG bar charts")
+    return p
+
+
+def model_fingerprint(model_name: str) -> str:
+    """Identity of a model's weights: a local folder by its weight files' sizes and mtimes, a hub id by name."""
+    path = Path(model_name)
+    if path.is_dir():
+        stats = sorted(
+            (str(f.relative_to(path)), f.stat().st_size, f.stat().st_mtime_ns)
+            for f in path.rglob("*")
+            if f.is_file() and f.suffix in (".safetensors", ".bin", ".json")
+        )
+        payload = json.dumps([str(path.resolve()), stats])
+    else:
+        payload = model_name
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text).strip("_")[-80:]
+
+
+def cached_corpus_embeddings(model, model_name: str, benchmark, args, cache_root: Path) -> torch.Tensor:
+    max_len = args.max_seq_length or model.max_seq_length
+    key = hashlib.sha256(f"{model_fingerprint(model_name)}|{benchmark.fingerprint()}|{max_len}".encode()).hexdigest()[:16]
+    path = cache_root / _slug(model_name) / f"{_slug(benchmark.name)}-{key}.npy"
+    if path.exists():
+        return torch.from_numpy(np.load(path))
+    emb = evaluation.encode(model, benchmark.corpus_texts, args.batch_size, True, args.max_seq_length)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        np.save(f, emb.numpy())
+    os.replace(tmp, path)  # a killed run never leaves a truncated cache behind
+    return emb
+
+
+def load_model(name: str):
+    from sentence_transformers import SentenceTransformer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs = {"model_kwargs": {"torch_dtype": torch.bfloat16}} if device == "cuda" and torch.cuda.is_bf16_supported() else {}
+    try:
+        return SentenceTransformer(name, device=device, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any loading failure becomes one actionable line
+        raise UserError(f"--models {name}: cannot load it ({type(exc).__name__}); pass a model folder or hub id") from None
+
+
+def run(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if len(args.precision) not in (1, len(args.models)):
+        raise UserError(f"--precision: give one value or one per model ({len(args.models)}), got {len(args.precision)}")
+    precisions = dict(zip(args.models, args.precision * len(args.models) if len(args.precision) == 1 else args.precision))
+    out: Path = args.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    done = json.loads((out / DONE_FILE).read_text()) if (out / DONE_FILE).exists() else {}
+
+    def signature(model_name: str) -> str:
+        rescore = args.rescore_multiplier if precisions[model_name] == "ubinary" else 0
+        return f"{precisions[model_name]}|rescore={rescore}|max_len={args.max_seq_length}"
+
+    loaded: dict[str, list] = {}
+    for model_name in args.models:
+        todo = [b for b in args.benchmarks if done.get(model_name, {}).get(b) != signature(model_name)]
+        if not todo:
+            logger.info("%s: all benchmarks already in %s, skipped", model_name, out / "results.json")
+            continue
+        model = load_model(model_name)
+        for spec in todo:
+            if spec not in loaded:
+                loaded[spec] = evaluation.load_benchmarks(spec)
+            rows: dict[str, dict] = {}
+            for benchmark in loaded[spec]:
+                corpus_emb = cached_corpus_embeddings(model, model_name, benchmark, args, out / "embeddings")
+                rows.update(
+                    evaluation.evaluate_benchmark(
+                        benchmark,
+                        corpus_emb,
+                        lambda texts: evaluation.encode(model, texts, args.batch_size, False, args.max_seq_length),
+                        precisions=("float32", precisions[model_name]),
+                        rescore_multiplier=args.rescore_multiplier,
+                    )
+                )
+            evaluation.add_group_means(rows, loaded[spec])
+            results.setdefault(model_name, {}).update(rows)
+            done.setdefault(model_name, {})[spec] = signature(model_name)
+            # written after every pair, so an interrupted comparison keeps what it finished
+            evaluation.write_results(results, out, charts=False)
+            (out / DONE_FILE).write_text(json.dumps(done, indent=2))
+            for name, row in rows.items():
+                extra = "".join(
+                    f"  {v}: ndcg@10 {row[v]['ndcg@10']:.4f} (retention {row[v]['retention_ndcg@10']:.3f})"
+                    for v in ("ubinary", "ubinary_rescore")
+                    if v in row
+                )
+                print(f"{model_name} | {name} | ndcg@10 {row['ndcg@10']:.4f}{extra}", flush=True)
+    evaluation.write_results(results, out, charts=not args.no_charts)
+    print(evaluation.markdown_table(results))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        run(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Pre-tokenization cache: token ids stored once per (source cache, tokenizer, max length), padded per batch.
+
+Without it the collator tokenizes every batch on the fly. With --pretokenize, rank 0 tokenizes each source once
+(truncated to the model's max_seq_length, no padding) into `<source cache>/tokens-<key>`, the other ranks wait and
+read it, and `PretokenizedCollator` pads each batch to its own longest sequence (never to a fixed length).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datasets import Dataset, DatasetDict, load_from_disk
+from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+
+import data
+
+
+def tokenizer_fingerprint(tokenizer, max_length: int) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    vocab = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{vocab}|{max_length}|{tokenizer.padding_side}".encode()).hexdigest()[:16]
+
+
+def _tokenize_batch(batch: dict[str, list[str]], tokenizer, max_length: int) -> dict[str, list[list[int]]]:
+    return {
+        column: tokenizer(texts, truncation=True, max_length=max_length, padding=False)["input_ids"]
+        for column, texts in batch.items()
+    }
+
+
+def pretokenize_source(source: data.SourceData, tokenizer, max_length: int) -> tuple[Dataset, Dataset]:
+    """(train, validation) of token ids with the same column names as the texts. Validation stays text (the
+    evaluator encodes it), so only train is tokenized."""
+    path = Path(source.cache_path) / f"tokens-{tokenizer_fingerprint(tokenizer, max_length)}"
+
+    def build(tmp: Path) -> dict:
+        tokens = source.train.map(
+            _tokenize_batch,
+            batched=True,
+            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+            desc=f"tokenize {source.spec.name}",
+        )
+        DatasetDict({"train": tokens}).save_to_disk(str(tmp / "data"))
+        return {"rows": len(tokens)}
+
+    data.cached_build(path, build)
+    return load_from_disk(str(path / "data"))["train"], source.validation
+
+
+@dataclass
+class PretokenizedCollator(SentenceTransformerDataCollator):
+    """Pads pre-tokenized columns (lists of ids) per batch; text columns fall back to the stock collator."""
+
+    tokenizer: Any = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        first = features[0]
+        token_columns = [c for c, v in first.items() if isinstance(v, list) and (not v or isinstance(v[0], int))]
+        if not token_columns:
+            return super().__call__(features)
+        text_features = [{k: v for k, v in row.items() if k not in token_columns} for row in features]
+        batch = super().__call__(text_features) if any(text_features[0]) else {}
+        for column in token_columns:
+            padded = self.tokenizer.pad({"input_ids": [row[column] for row in features]}, return_tensors="pt")
+            for key, value in padded.items():
+                batch[f"{column}_{key}"] = value
+        return batch

@@ -1,0 +1,183 @@
+"""Data mixtures as data: the source registries in mixtures/*.yaml, parsed into `SourceSpec`s.
+
+A registry lists sources with where they live (hub id / config / data_dir / data_files, or a local loader), which
+columns become anchor / positive / negative, and a weight. `weight` is the expected number of passes over a
+source per epoch, so a batch comes from source i with probability proportional to weight_i x size_i.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from errors import UserError
+
+MIXTURES_DIR = Path(__file__).resolve().parent / "mixtures"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+LOADERS = ("hub", "jsonl", "arxiv_kaggle")
+CLEANERS = ("strip_xml", "normalize_whitespace")
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    name: str
+    loader: str = "hub"
+    hub: str | None = None
+    config: str | None = None
+    data_dir: str | None = None
+    data_files: str | None = None
+    split: str = "train"
+    anchor: str | None = None
+    positive: str | None = None
+    negative: str | None = None
+    pair_from_list: str | None = None
+    clean: str | None = None
+    weight: float = 1.0
+    enabled: bool = True
+    expand_configs: bool = False
+    # Stage-1 replay: the specs it samples from and how many rows each.
+    replay_of: tuple[SourceSpec, ...] = ()
+    rows_per_source: int | None = None
+
+    @property
+    def columns(self) -> list[str]:
+        """Output columns, in the order MultipleNegativesRankingLoss reads them."""
+        return ["anchor", "positive"] + (["negative"] if self.negative else [])
+
+    def local_path(self) -> Path:
+        path = Path(self.data_files)
+        return path if path.is_absolute() else REPO_ROOT / path
+
+    def fingerprint(self) -> str:
+        """Stable hash of everything that changes the rows this source yields (not its weight)."""
+        spec = dataclasses.asdict(self)
+        spec.pop("weight")
+        spec.pop("enabled")
+        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def describe(self) -> str:
+        if self.replay_of:
+            return f"replay of {len(self.replay_of)} Stage-1 sources x {self.rows_per_source} rows"
+        where = self.hub or self.data_files or "?"
+        if self.config:
+            where += f" [{self.config}]"
+        if self.data_files and self.hub:
+            where += f" files={self.data_files}"
+        cols = (
+            f"two of {self.pair_from_list}[]"
+            if self.pair_from_list
+            else " -> ".join(c for c in (self.anchor, self.positive, self.negative) if c)
+        )
+        return f"{where}: {cols}"
+
+
+def _parse_source(raw: dict[str, Any], registry: str) -> SourceSpec:
+    known = {f.name for f in dataclasses.fields(SourceSpec)} - {"replay_of"}
+    unknown = set(raw) - known
+    name = raw.get("name", "?")
+    if unknown:
+        raise UserError(f"{registry}: source {name!r} has unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+    spec = SourceSpec(**{k: (str(v) if k == "config" else v) for k, v in raw.items()})
+    if spec.loader not in LOADERS:
+        raise UserError(f"{registry}: source {name!r} has loader {spec.loader!r}; use one of {LOADERS}")
+    if spec.loader == "hub" and not spec.hub:
+        raise UserError(f"{registry}: source {name!r} needs `hub` (a dataset id) or a local `loader`")
+    if spec.loader != "hub" and not spec.data_files:
+        raise UserError(f"{registry}: source {name!r} (loader {spec.loader}) needs `data_files`")
+    if not spec.pair_from_list and not (spec.anchor and spec.positive):
+        raise UserError(f"{registry}: source {name!r} needs `anchor` and `positive` columns (or `pair_from_list`)")
+    if spec.clean and spec.clean not in CLEANERS:
+        raise UserError(f"{registry}: source {name!r} has clean={spec.clean!r}; use one of {CLEANERS}")
+    if spec.weight <= 0:
+        raise UserError(f"{registry}: source {name!r} has weight {spec.weight}; weights must be > 0")
+    return spec
+
+
+def load_registry(stage: str) -> tuple[list[SourceSpec], dict[str, Any]]:
+    """All sources of a registry (enabled or not) and its extra sections."""
+    path = MIXTURES_DIR / ("sample.yaml" if stage == "sample" else f"stage{stage}.yaml")
+    raw = yaml.safe_load(path.read_text())
+    specs = [_parse_source(s, path.name) for s in raw["sources"]]
+    names = [s.name for s in specs]
+    if len(names) != len(set(names)):
+        raise UserError(f"{path.name}: duplicate source names {sorted({n for n in names if names.count(n) > 1})}")
+    return specs, {k: v for k, v in raw.items() if k != "sources"}
+
+
+def _select(specs: list[SourceSpec], enable: list[str] | None, disable: list[str] | None) -> list[SourceSpec]:
+    names = {s.name for s in specs}
+    for flag, chosen in (("--enable_sources", enable), ("--disable_sources", disable)):
+        unknown = set(chosen or []) - names
+        if unknown:
+            raise UserError(f"{flag}: unknown source(s) {sorted(unknown)}; known: {sorted(names)}")
+    return [
+        s
+        for s in specs
+        if (s.enabled or s.name in (enable or [])) and s.name not in (disable or [])
+    ]
+
+
+def build_dataset_configs_s1(enable: list[str] | None = None, disable: list[str] | None = None) -> list[SourceSpec]:
+    """Stage-1 sources. Configs marked `expand_configs` are resolved later (they need the hub)."""
+    specs, _ = load_registry("1")
+    return _select(specs, enable, disable)
+
+
+def build_dataset_configs_s2(
+    enable: list[str] | None = None,
+    disable: list[str] | None = None,
+    sde_weight_scale: float = 1.0,
+    stage1_replay_weight: float | None = None,
+    arxiv_path: str | None = None,
+) -> list[SourceSpec]:
+    """Stage-2 sources plus the anti-forgetting replay of Stage 1, built from the Stage-1 registry."""
+    specs, extra = load_registry("2")
+    replay_cfg = extra["stage1_replay"]
+    replay = SourceSpec(
+        name=replay_cfg["name"],
+        loader="hub",
+        hub="(stage-1 registry)",
+        anchor="anchor",
+        positive="positive",
+        weight=replay_cfg["weight"] if stage1_replay_weight is None else stage1_replay_weight,
+        replay_of=tuple(build_dataset_configs_s1()),
+        rows_per_source=int(replay_cfg["rows_per_source"]),
+    )
+    adjusted = []
+    for spec in specs:
+        if spec.name == "nasa_sde_st_corpus":
+            spec = dataclasses.replace(spec, weight=spec.weight * sde_weight_scale)
+        if spec.loader == "arxiv_kaggle" and arxiv_path:
+            spec = dataclasses.replace(spec, data_files=arxiv_path)
+        adjusted.append(spec)
+    selected = _select(adjusted + [replay], enable, disable)
+    return [s for s in selected if s.weight > 0]
+
+
+def build_dataset_configs_sample(enable: list[str] | None = None, disable: list[str] | None = None) -> list[SourceSpec]:
+    specs, _ = load_registry("sample")
+    return _select(specs, enable, disable)
+
+
+def expand_hub_configs(spec: SourceSpec) -> list[SourceSpec]:
+    """One spec per hub config for `expand_configs` sources (needs the hub); others pass through."""
+    if not spec.expand_configs:
+        return [spec]
+    from datasets import get_dataset_config_names
+
+    try:
+        configs = get_dataset_config_names(spec.hub)
+    except Exception as exc:  # noqa: BLE001 - any hub failure becomes one actionable line
+        raise UserError(
+            f"source {spec.name!r}: cannot list the configs of {spec.hub} ({type(exc).__name__}); "
+            "check the network / HF_HUB_OFFLINE, or drop it with --disable_sources"
+        ) from None
+    return [
+        dataclasses.replace(spec, name=f"{spec.name}/{config}", config=config, expand_configs=False)
+        for config in configs
+    ]

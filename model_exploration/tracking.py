@@ -1,0 +1,91 @@
+"""Secrets and W&B: .env loading, redaction, and a resumable run on rank 0 only."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from errors import UserError
+
+SECRET_ENV_KEYS = ("WANDB_API_KEY", "HUGGINGFACE_TOKEN", "HF_TOKEN", "KAGGLE_KEY")
+RUN_ID_FILE = "wandb_run_id.txt"
+
+
+def load_env(path: str | Path | None = None) -> None:
+    """Read `.env` (cwd, else the repo root) without overriding variables already set in the environment.
+    HUGGINGFACE_TOKEN is exported as HF_TOKEN, which every hub call of this process (and its ranks) reads;
+    that replaces `huggingface-cli login`, so no token is written to disk or printed."""
+    from dotenv import load_dotenv
+
+    candidates = [Path(path)] if path else [Path.cwd() / ".env", Path(__file__).resolve().parents[1] / ".env"]
+    for candidate in candidates:
+        if candidate.is_file():
+            load_dotenv(candidate, override=False)
+            break
+    if os.environ.get("HUGGINGFACE_TOKEN") and not os.environ.get("HF_TOKEN"):
+        os.environ["HF_TOKEN"] = os.environ["HUGGINGFACE_TOKEN"]
+
+
+def secret_values() -> list[str]:
+    return [v for k in SECRET_ENV_KEYS if len(v := os.environ.get(k, "")) >= 6]
+
+
+def redact(value: Any, secrets: list[str] | None = None) -> Any:
+    """Replace any secret value found in strings of a (nested) structure by '***'."""
+    secrets = secret_values() if secrets is None else secrets
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "***")
+        return value
+    if isinstance(value, dict):
+        return {k: redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, secrets) for v in value]
+    return value
+
+
+def save_args(args_dict: dict[str, Any], output_dir: Path) -> None:
+    (output_dir / "run_args.json").write_text(json.dumps(redact(args_dict), indent=2, default=str))
+
+
+def resolve_run_id(output_dir: Path, override: str | None) -> str:
+    """The W&B run id of this output directory: --resume_run_id, else the saved one, else a new one (saved)."""
+    import wandb
+
+    path = output_dir / RUN_ID_FILE
+    run_id = override or (path.read_text().strip() if path.exists() else wandb.util.generate_id())
+    path.write_text(run_id)
+    return run_id
+
+
+def check_wandb_credentials(mode: str) -> None:
+    if mode != "online":
+        return
+    has_netrc = any(
+        "api.wandb.ai" in p.read_text(errors="ignore") for p in (Path.home() / ".netrc", Path.home() / "_netrc") if p.is_file()
+    )
+    if not os.environ.get("WANDB_API_KEY") and not has_netrc:
+        raise UserError(
+            "--wb_mode online: no W&B key (set WANDB_API_KEY in .env or run `wandb login`), "
+            "or pass --wb_mode offline / disabled"
+        )
+
+
+def init_wandb(args, output_dir: Path, config: dict[str, Any]) -> None:
+    """Start (or continue) the run on rank 0; the HF WandbCallback then logs into it. Offline runs cannot be
+    resumed by W&B, so the global step in our logs is the step counter to trust there."""
+    import wandb
+
+    run_id = resolve_run_id(output_dir, args.resume_run_id)
+    wandb.init(
+        project=args.wb_project,
+        entity=args.wb_entity,
+        id=run_id,
+        name=output_dir.name,
+        resume="allow",
+        mode=args.wb_mode,
+        dir=str(output_dir),
+        config=redact(config),
+    )

@@ -1,0 +1,108 @@
+import dataclasses
+import json
+
+import pytest
+from datasets import Dataset
+
+import data
+from errors import UserError
+from sources import SourceSpec
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _spec(path, **kw):
+    return SourceSpec(name=kw.pop("name", "local"), loader="jsonl", data_files=str(path), **kw)
+
+
+def test_column_paths_lists_and_nested_fields():
+    row = {"texts": ["a", "b"], "positives": {"docs": ["d0", "d1"]}, "title": "t"}
+    assert data.resolve_path(row, "texts[1]") == "b"
+    assert data.resolve_path(row, "positives.docs[0]") == "d0"
+    with pytest.raises(KeyError):
+        data.resolve_path(row, "texts[5]")
+
+
+def test_pairs_strip_clean_and_count_empty_rows(tmp_path):
+    path = _jsonl(tmp_path / "s.jsonl", [
+        {"q": " What? ", "p": "<i>Mitochondria</i>   in\n cells &amp; more"},
+        {"q": "", "p": "no query"},
+        {"q": "list", "p": ["joined", "sentences"]},
+    ])  # fmt: skip
+    spec = _spec(path, anchor="q", positive="p", clean="strip_xml")
+    pairs, dropped = data.to_pairs(spec, data._load_raw(spec, None), seed=0)
+    assert dropped == 1
+    assert pairs["anchor"] == ["What?", "list"]
+    assert pairs["positive"] == ["Mitochondria in cells & more", "joined sentences"]
+
+
+def test_pair_from_list_is_seeded_and_distinct():
+    raw = Dataset.from_dict({"set": [["a", "b", "c", "d"], ["x", "y"], ["only"]]})
+    spec = SourceSpec(name="wa", hub="x", pair_from_list="set")
+    first, dropped = data.to_pairs(spec, raw, seed=7)
+    again, _ = data.to_pairs(spec, raw, seed=7)
+    assert first["anchor"] == again["anchor"] and first["positive"] == again["positive"]
+    assert dropped == 1  # a one-member set cannot make a pair
+    assert all(a != p for a, p in zip(first["anchor"], first["positive"]))
+
+
+def test_unknown_column_names_source_and_columns(tmp_path):
+    spec = _spec(_jsonl(tmp_path / "s.jsonl", [{"q": "a", "p": "b"}]), name="mysrc", anchor="q", positive="passage")
+    with pytest.raises(UserError, match=r"source 'mysrc': column 'passage' not found \(columns: \['q', 'p'\]\)"):
+        data.to_pairs(spec, data._load_raw(spec, None), seed=0)
+
+
+def test_all_empty_texts_fail_clearly(tmp_path):
+    spec = _spec(_jsonl(tmp_path / "s.jsonl", [{"q": " ", "p": "b"}, {"q": "", "p": "c"}]), anchor="q", positive="p")
+    with pytest.raises(UserError, match="all 2 rows have an empty"):
+        data.to_pairs(spec, data._load_raw(spec, None), seed=0)
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"q": "a", "p": "b"}\n{"q": "broken"\n')
+    with pytest.raises(UserError, match=r"source .local.: malformed JSON at .*bad\.jsonl:2 .*fix or remove that line"):
+        data._load_raw(_spec(path, anchor="q", positive="p"), None)
+
+
+def test_missing_arxiv_snapshot_says_which_command_to_run(tmp_path):
+    spec = SourceSpec(name="arxiv", loader="arxiv_kaggle", data_files=str(tmp_path / "nope.json"), anchor="title", positive="abstract")
+    with pytest.raises(UserError, match="data_prep/download_arxiv.py"):
+        data._load_raw(spec, None)
+
+
+def test_unreachable_hub_source_is_one_line():
+    spec = SourceSpec(name="ghost", hub="no-such-org/no-such-dataset", anchor="a", positive="b")
+    with pytest.raises(UserError) as info:
+        data._load_raw(spec, 5)
+    message = str(info.value)
+    assert "source 'ghost'" in message and "no-such-org/no-such-dataset" in message and "\n" not in message
+
+
+def test_cache_is_keyed_marked_complete_and_rebuilt_when_half_written(tmp_path):
+    rows = [{"q": f"query {i}", "p": f"passage {i}"} for i in range(50)]
+    spec = _spec(_jsonl(tmp_path / "s.jsonl", rows), anchor="q", positive="p")
+    cache = tmp_path / "cache"
+    first = data.load_source(spec, cache, nrows=None, seed=1, max_eval=4)
+    assert (len(first.train), len(first.validation)) == (46, 4)
+    assert (first.cache_path / data.COMPLETE_MARKER).exists()
+    # other nrows / seed / columns -> other cache folders
+    assert data.cache_path_for(cache, spec, 10, 1, 4) != first.cache_path
+    assert data.cache_path_for(cache, spec, None, 2, 4) != first.cache_path
+    assert data.cache_path_for(cache, dataclasses.replace(spec, positive="q"), None, 1, 4) != first.cache_path
+    # a build killed before its marker is not trusted: it is rebuilt
+    (first.cache_path / data.COMPLETE_MARKER).unlink()
+    again = data.load_source(spec, cache, nrows=None, seed=1, max_eval=4)
+    assert again.train["anchor"] == first.train["anchor"] and (again.cache_path / data.COMPLETE_MARKER).exists()
+
+
+def test_validation_split_is_seeded_bounded_and_zero_means_none(tmp_path):
+    pairs = Dataset.from_dict({"anchor": [f"a{i}" for i in range(100)], "positive": [f"p{i}" for i in range(100)]})
+    train, val = data._split_validation(pairs, 20, seed=5)
+    _, val_again = data._split_validation(pairs, 20, seed=5)
+    assert len(val) == 10 and val["anchor"] == val_again["anchor"]  # capped at a tenth of the source
+    assert not set(train["anchor"]) & set(val["anchor"])
+    assert len(data._split_validation(pairs, 0, seed=5)[1]) == 0
