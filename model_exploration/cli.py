@@ -66,8 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
     g.add_argument("--warmup_ratio", type=float, default=0.1)
     g.add_argument("--weight_decay", type=float, default=0.0)
-    g.add_argument("--custom_lr_scheduler", action=argparse.BooleanOptionalAction, default=True,
-                   help="linear warmup, linear decay lr -> lr_min_custom with a cosine ripple")
+    g.add_argument("--custom_lr_scheduler", dest="custom_lr_scheduler", action="store_true", default=True,
+                   help="linear warmup, linear decay lr -> lr_min_custom with a cosine ripple (the default)")
+    g.add_argument("--no_custom_lr_scheduler", dest="custom_lr_scheduler", action="store_false",
+                   help="use --lr_scheduler_type (an HF scheduler) instead of the custom schedule")
     g.add_argument("--lr_scheduler_type", default="cosine", help="HF scheduler used with --no_custom_lr_scheduler")
     g.add_argument("--lr_min_custom", type=float, default=5e-6, help="custom schedule: LR at the end of the decay")
     g.add_argument("--cosine_cycle_steps_custom", type=_positive_int, default=8000,

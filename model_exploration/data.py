@@ -261,12 +261,15 @@ def load_source(spec: SourceSpec, cache_dir: Path, nrows: int | None, seed: int,
         logger.info("building cache for source %s -> %s", spec.name, path)
         pairs, dropped = _load_pairs(spec, nrows, seed)
         train, validation = _split_validation(pairs, max_eval, seed)
-        DatasetDict({"train": train, "validation": validation}).save_to_disk(str(tmp / "data"))
+        # datasets cannot read back an empty split, so an empty validation set is not written
+        splits = {"train": train} | ({"validation": validation} if len(validation) else {})
+        DatasetDict(splits).save_to_disk(str(tmp / "data"))
         return {"source": spec.name, "train": len(train), "validation": len(validation), "dropped_empty": dropped}
 
     meta = cached_build(path, build)
     splits = load_from_disk(str(path / "data"))
-    return SourceData(spec, splits["train"], splits["validation"], meta["dropped_empty"], path)
+    validation = splits["validation"] if "validation" in splits else splits["train"].select([])
+    return SourceData(spec, splits["train"], validation, meta["dropped_empty"], path)
 
 
 def load_and_cache_datasets(

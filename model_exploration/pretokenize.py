@@ -8,6 +8,7 @@ read it, and `PretokenizedCollator` pads each batch to its own longest sequence 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,17 @@ import data
 
 
 def tokenizer_fingerprint(tokenizer, max_length: int) -> str:
+    """What decides the ids: vocabulary, normalizer, pre-tokenizer, post-processor and max length. The backend's
+    truncation/padding state is left out: it changes as a side effect of tokenizing, and ranks must agree."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(f"{vocab}|{max_length}|{tokenizer.padding_side}".encode()).hexdigest()[:16]
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        identity = json.dumps(spec, sort_keys=True)
+    else:
+        identity = repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(f"{identity}|{max_length}".encode()).hexdigest()[:16]
 
 
 def _tokenize_batch(batch: dict[str, list[str]], tokenizer, max_length: int) -> dict[str, list[list[int]]]:

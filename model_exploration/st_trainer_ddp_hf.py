@@ -144,7 +144,6 @@ def training_arguments(args, output_dir: Path, has_evaluator: bool) -> SentenceT
         report_to=["wandb"] if args.wb_mode != "disabled" else "none",
         ddp_timeout=int(args.ddp_timeout_minutes * 60),
         dataloader_num_workers=args.dataloader_num_workers,
-        ddp_find_unused_parameters=False,
     )
 
 
@@ -157,15 +156,15 @@ def run(argv: list[str] | None = None) -> None:
         print_plan(specs, args, cache_dir)
         return
 
+    tracking.check_wandb_credentials(args.wb_mode)
     distributed.init_process_group(args.ddp_timeout_minutes)
     output_dir, resume_from = resolve_output_dir(args)
-    if distributed.is_main_process():
+    model, native_max_len = load_model(args)
+    if distributed.is_main_process():  # only once the inputs are known good: no half-made run folders
         output_dir.mkdir(parents=True, exist_ok=True)
         tracking.save_args(vars(args), output_dir)
-        tracking.check_wandb_credentials(args.wb_mode)
         if args.wb_mode != "disabled":
             tracking.init_wandb(args, output_dir, vars(args))
-    model, native_max_len = load_model(args)
     eval_max_len = args.eval_max_len or native_max_len
 
     sources = load_and_cache_datasets(

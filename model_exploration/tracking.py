@@ -52,10 +52,10 @@ def save_args(args_dict: dict[str, Any], output_dir: Path) -> None:
 
 def resolve_run_id(output_dir: Path, override: str | None) -> str:
     """The W&B run id of this output directory: --resume_run_id, else the saved one, else a new one (saved)."""
-    import wandb
+    from wandb.sdk.lib.runid import generate_id
 
     path = output_dir / RUN_ID_FILE
-    run_id = override or (path.read_text().strip() if path.exists() else wandb.util.generate_id())
+    run_id = override or (path.read_text().strip() if path.exists() else generate_id())
     path.write_text(run_id)
     return run_id
 

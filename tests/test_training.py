@@ -1,0 +1,109 @@
+"""End-to-end runs of the entry script on CPU: one process, torchrun with 2 ranks, exact resume, bad input."""
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from helpers import ENTRY, PYTHON, REPO, subprocess_env
+from lr_schedule import custom_lr
+
+FAKE_TOKEN = "hf_PLANTEDfakeTOKEN0123456789"
+
+
+def _run(args, cwd=REPO, env=None, launcher=None, timeout=600):
+    cmd = (launcher or [PYTHON]) + [str(ENTRY)] + [str(a) for a in args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env or subprocess_env(), timeout=timeout)
+
+
+def _common(tiny_model, out, *extra):
+    return ["--stage", "sample", "--model_name", tiny_model, "--output_base", out, "--batch_size", 8,
+            "--gradient_accumulation_steps", 1, "--wb_mode", "disabled", "--logging_steps", 1, *extra]  # fmt: skip
+
+
+def _history(checkpoint):
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return {h["step"]: h for h in state["log_history"] if "loss" in h}, state
+
+
+def test_single_process_run_writes_model_results_and_no_secret(tiny_model, small_beir, tmp_path):
+    (tmp_path / ".env").write_text(f"HUGGINGFACE_TOKEN={FAKE_TOKEN}\n")
+    out = tmp_path / "runs"
+    result = _run(
+        _common(tiny_model, out, "--nrows", 64, "--max_steps", 4, "--eval_and_save_steps", 2, "--run_name", "r1",
+                "--eval_benchmarks", f"beir:{small_beir}", "--no_custom_lr_scheduler",
+                "--lr_scheduler_type", "constant", "--warmup_ratio", 0),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = out / "r1"
+    results = json.loads((run / "results.json").read_text())
+    assert 0 <= results["beir:scifact_small"]["ndcg@10"] <= 1
+    table = (run / "results.md").read_text()
+    assert "(before)" in table and "| MRR@1 | MRR@5 | NDCG@1 | NDCG@5 | NDCG@10 |" in table
+    assert (run / "final" / "modules.json").exists() and (run / "checkpoint-2").exists()
+    history, _ = _history(run / "checkpoint-4")
+    assert {h["learning_rate"] for h in history.values()} == {2e-5}  # --no_custom_lr_scheduler took effect
+    assert all("pairs_per_s" in h and "tokens_per_s" in h for h in history.values())
+    assert "eval_validation_val/mean/ndcg@10" in json.dumps(_history(run / "checkpoint-4")[1]["log_history"])
+    leaked = [p for p in run.rglob("*") if p.is_file() and FAKE_TOKEN.encode() in p.read_bytes()]
+    assert not leaked and FAKE_TOKEN not in result.stdout + result.stderr
+
+
+def test_torchrun_two_ranks_share_one_run(tiny_model, small_beir, tmp_path):
+    out = tmp_path / "runs"
+    result = _run(
+        _common(tiny_model, out, "--nrows", 64, "--max_steps", 5, "--run_name", "ddp", "--pretokenize",
+                "--eval_benchmarks", f"beir:{small_beir}", "--eval_and_save_steps", 5),
+        launcher=[PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = out / "ddp"
+    assert (run / "results.json").exists() and (run / "results.md").exists()
+    _, state = _history(run / "checkpoint-5")
+    # 3 sources x 58 train pairs at batch 8 -> 22 batches per epoch, 11 per rank: 5 steps are 5/11 of an
+    # epoch only if the two ranks split the data (a rank training alone would be at 5/22)
+    assert state["epoch"] == pytest.approx(5 / 11, abs=1e-3)
+    assert list(run.parent.parent.glob("runs/cache/*/tokens-*/_COMPLETE.json"))
+
+
+def test_resume_continues_with_the_same_batches_and_learning_rates(tiny_model, tmp_path):
+    base = _common(tiny_model, tmp_path / "runs", "--nrows", 48, "--max_steps", 6, "--eval_and_save_steps", 3,
+                   "--max_datapoints_per_src_for_eval", 0, "--eval_benchmarks", "--warmup_ratio", 0.34,
+                   "--cosine_cycle_steps_custom", 4, "--lr", 1e-3)  # fmt: skip
+    full = _run(base + ["--run_name", "full"])
+    assert full.returncode == 0, full.stderr[-3000:]
+    resumed_dir = tmp_path / "runs" / "resumed"
+    resumed_dir.mkdir()
+    shutil.copytree(tmp_path / "runs" / "full" / "checkpoint-3", resumed_dir / "checkpoint-3")
+    resumed = _run(base + ["--resume_checkpoint_path", resumed_dir])  # the run folder: its newest checkpoint
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    uninterrupted, _ = _history(tmp_path / "runs" / "full" / "checkpoint-6")
+    continued, _ = _history(resumed_dir / "checkpoint-6")
+    schedule = dict(lr_max=1e-3, lr_min=5e-6, warmup_steps=3, total_steps=6, cycle_steps=4, magnitude_fraction=0.1)
+    for step in (4, 5, 6):
+        assert continued[step]["learning_rate"] == pytest.approx(uninterrupted[step]["learning_rate"], rel=1e-6)
+        # HF logs at step s the LR its optimizer step s used: the schedule's value at (zero-based) s - 1
+        assert continued[step]["learning_rate"] == pytest.approx(custom_lr(step - 1, **schedule), rel=1e-3)
+        assert continued[step]["loss"] == pytest.approx(uninterrupted[step]["loss"], abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--stage", "3"], "argument --stage: invalid choice"),
+        (["--stage", "sample", "--wb_mode", "disabled", "--resume_checkpoint_path", "/nonexistent/ckpt"], "error: --resume_checkpoint_path: /nonexistent/ckpt does not exist"),
+        (["--stage", "sample", "--wb_mode", "disabled", "--model_name", "no-such-org/no-such-model"], "error: --model_name no-such-org/no-such-model: cannot load it"),
+        (["--stage", "sample", "--wb_mode", "online"], "error: --wb_mode online: no W&B key"),
+        (["--stage", "sample", "--lr", "1e-5", "--lr_min_custom", "1e-4"], "--lr_min_custom must be between 0 and --lr"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, expected, tmp_path):
+    env = subprocess_env()
+    env["HOME"] = str(tmp_path)  # no ~/.netrc with a W&B key
+    result = _run(args + ["--output_base", tmp_path / "o"], cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 2
+    assert expected in result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("run_args.json"))
