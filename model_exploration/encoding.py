@@ -1,0 +1,98 @@
+"""Fast corpus encoding for evaluation: exact token lengths, token-budget batches, tokenization ahead of the model.
+
+Why not only SentenceTransformer.encode: it sorts by character length and uses a fixed number of texts per batch,
+so batches of long texts and batches of short texts cost very different amounts and short ones underfill the
+device; it tokenizes in the same thread that runs the model. Here texts are tokenized once (exact lengths),
+sorted by token count, cut into batches of at most `token_budget` padded tokens, and a background thread pads
+the next batches while the model runs (bf16 autocast on CUDA). Embeddings equal `encode`'s (tested).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+TOKENIZE_CHUNK = 4096
+
+
+def token_budget_batches(lengths: np.ndarray, token_budget: int) -> list[np.ndarray]:
+    """Indices sorted by length (longest first) cut into batches whose padded size (n x longest) fits the budget."""
+    order = np.argsort(-lengths, kind="stable")
+    batches, start = [], 0
+    while start < len(order):
+        longest = max(1, int(lengths[order[start]]))
+        size = max(1, token_budget // longest)
+        batches.append(order[start : start + size])
+        start += size
+    return batches
+
+
+def _tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, list[list[int]]]:
+    out: dict[str, list[list[int]]] = {}
+    for start in range(0, len(texts), TOKENIZE_CHUNK):
+        chunk = tokenizer(texts[start : start + TOKENIZE_CHUNK], truncation=True, max_length=max_length, padding=False)
+        for key in ("input_ids", "token_type_ids"):
+            if key in chunk:
+                out.setdefault(key, []).extend(chunk[key])
+    return out
+
+
+def _padded_batches(tokenizer, encoded, batches) -> Iterator[dict[str, torch.Tensor]]:
+    for batch in batches:
+        yield tokenizer.pad({key: [values[i] for i in batch] for key, values in encoded.items()}, return_tensors="pt")
+
+
+def _prefetch(iterator: Iterator, depth: int) -> Iterator:
+    """Run `iterator` in a background thread, `depth` items ahead (tokenizers release the GIL)."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in iterator:
+                items.put(item)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            items.put(exc)
+        items.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := items.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+@torch.inference_mode()
+def encode_fast(
+    model,
+    texts: list[str],
+    token_budget: int = 16384,
+    max_seq_length: int | None = None,
+    show_progress_bar: bool = False,
+    prefetch: int = 4,
+) -> torch.Tensor:
+    """Float32 sentence embeddings (CPU tensor, input order) of `texts`."""
+    if not texts:
+        return torch.empty(0, model.get_embedding_dimension())
+    tokenizer = model.tokenizer
+    encoded = _tokenize(tokenizer, texts, max_seq_length or model.max_seq_length)
+    lengths = np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))
+    batches = token_budget_batches(lengths, token_budget)
+    device = model.device
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    out = torch.empty(len(texts), model.get_embedding_dimension())
+    model.eval()
+    progress = tqdm(total=len(texts), desc="Encoding", disable=not show_progress_bar, unit="text")
+    for batch, features in zip(batches, _prefetch(_padded_batches(tokenizer, encoded, batches), prefetch)):
+        features = {k: v.to(device, non_blocking=True) for k, v in features.items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            embeddings = model(features)["sentence_embedding"]
+        out[torch.from_numpy(batch)] = embeddings.float().cpu()
+        progress.update(len(batch))
+    progress.close()
+    return out

@@ -1,0 +1,38 @@
+import re
+
+import numpy as np
+import torch
+from sentence_transformers import SentenceTransformer
+
+import cli
+from encoding import encode_fast, token_budget_batches
+from helpers import REPO
+
+
+def test_token_budget_batches_cover_every_text_once_within_budget():
+    lengths = np.array([5, 300, 17, 17, 120, 1, 64, 300])
+    batches = token_budget_batches(lengths, token_budget=600)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(len(lengths)))
+    assert all(len(b) * lengths[b].max() <= 600 for b in batches)
+    assert lengths[flat].tolist() == sorted(lengths.tolist(), reverse=True)
+
+
+def test_fast_encoder_equals_sentence_transformers_encode(tiny_model):
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    texts = ["short", "", "a much longer text about mitochondria and cells " * 30, "medium length text here"] * 5
+    ours = encode_fast(model, texts, token_budget=256, max_seq_length=64)
+    model.max_seq_length = 64
+    reference = model.encode(texts, convert_to_tensor=True)
+    assert ours.shape == reference.shape
+    assert torch.allclose(ours, reference, atol=1e-5)
+
+
+def test_readme_documents_every_flag_and_its_test_command_is_what_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    for action in cli.build_parser()._actions:
+        for flag in action.option_strings:
+            if flag.startswith("--") and flag != "--help":
+                assert f"`{flag}`" in readme, flag
+    test_command = re.search(r"## Tests\s+```bash\n(.+?)\n```", readme).group(1)
+    assert test_command in (REPO / ".ci" / "run").read_text()
