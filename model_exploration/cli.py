@@ -88,6 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="custom schedule: ripple period in optimizer steps")
     g.add_argument("--cosine_magnitude_fraction_custom", type=float, default=0.1,
                    help="custom schedule: ripple amplitude as a fraction of the decayed LR")
+    g.add_argument("--bat", nargs="?", const="ste", default=None, choices=["ste", "clipped_ste", "tanh", "annealed_tanh"],
+                   help="binary-aware training (1-bit embeddings): the sign surrogate used in the loss; "
+                   "`--bat` alone = ste, the original EQAT (see model_exploration/binary.py)")
+    g.add_argument("--bat_float_weight", type=float, default=0.0,
+                   help="binary-aware training: weight of the float-embedding MNRL added to the binary one")
+    g.add_argument("--bat_beta_start", type=float, default=1.0, help="annealed_tanh: beta at step 0")
+    g.add_argument("--bat_beta_end", type=float, default=20.0, help="annealed_tanh: beta at the end of the anneal")
+    g.add_argument("--bat_anneal_ratio", type=float, default=0.8,
+                   help="annealed_tanh: share of the optimizer steps over which beta rises")
     g.add_argument("--seed", type=int, default=42,
                    help="seeds validation splits, pair sampling, batch order and dropout")
 
@@ -126,6 +135,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error("--lr_min_custom must be between 0 and --lr")
         if not 0 <= args.cosine_magnitude_fraction_custom < 1:
             parser.error("--cosine_magnitude_fraction_custom must be in [0, 1)")
+    if args.bat is None and (args.bat_float_weight or args.bat_beta_start != 1.0 or args.bat_beta_end != 20.0):
+        parser.error("--bat_* options need --bat")
+    if not 0 < args.bat_beta_start <= args.bat_beta_end or not 0 < args.bat_anneal_ratio <= 1:
+        parser.error("need 0 < --bat_beta_start <= --bat_beta_end and 0 < --bat_anneal_ratio <= 1")
     if args.resume_run_id and not args.resume_checkpoint_path:
         parser.error("--resume_run_id needs --resume_checkpoint_path (the run to continue)")
     if args.stage != "2" and (args.sde_weight_scale != 1.0 or args.stage1_replay_weight is not None or args.arxiv_path):

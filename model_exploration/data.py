@@ -234,6 +234,18 @@ def _split_validation(pairs: Dataset, max_eval: int, seed: int) -> tuple[Dataset
     return split["train"], split["test"]
 
 
+def _publish(tmp: Path, path: Path) -> None:
+    """Rename a finished build into place. If another run sharing the cache published first, keep theirs (a
+    reader may have it open); an incomplete leftover of a killed build is replaced."""
+    try:
+        os.rename(tmp, path)  # atomic; fails if `path` is a non-empty folder
+    except OSError:
+        if (path / COMPLETE_MARKER).exists():
+            return
+        shutil.rmtree(path, ignore_errors=True)
+        os.rename(tmp, path)
+
+
 def cached_build(path: Path, build) -> dict:
     """Build a cache folder once: rank 0 calls build(tmp_dir) -> metadata, in a temporary folder that is renamed
     into place with a completion marker written last; the other ranks wait and read. A folder without the marker
@@ -246,9 +258,7 @@ def cached_build(path: Path, build) -> dict:
             try:
                 meta = build(tmp)
                 (tmp / COMPLETE_MARKER).write_text(json.dumps(meta))
-                if path.exists():  # an incomplete leftover of a killed run
-                    shutil.rmtree(path)
-                os.replace(tmp, path)
+                _publish(tmp, path)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
     return json.loads((path / COMPLETE_MARKER).read_text())

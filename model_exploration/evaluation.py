@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 CUTOFFS = (1, 5, 10)
 MAP_CUTOFF = 100
-TABLE_COLUMNS = ("mrr@1", "mrr@5", "ndcg@1", "ndcg@5", "ndcg@10")
+TABLE_COLUMNS = ("mrr@1", "mrr@5", "ndcg@1", "ndcg@5", "ndcg@10", "mrr@10")
 NANOBEIR_DATASETS = (
     "NanoClimateFEVER", "NanoDBPedia", "NanoFEVER", "NanoFiQA2018", "NanoHotpotQA", "NanoMSMARCO", "NanoNFCorpus",
     "NanoNQ", "NanoQuoraRetrieval", "NanoSCIDOCS", "NanoArguAna", "NanoSciFact", "NanoTouche2020",
@@ -416,9 +416,11 @@ class RetrievalEvaluator(BaseEvaluator):
         batch_size: int = 64,
         max_seq_length: int | None = None,
         show_progress_bar: bool = False,
+        precisions: tuple[str, ...] = ("float32",),
     ):
         super().__init__()
         self.show_progress_bar = show_progress_bar
+        self.precisions = precisions
         self.benchmarks = benchmarks
         self.name = name
         self.batch_size = batch_size
@@ -433,18 +435,21 @@ class RetrievalEvaluator(BaseEvaluator):
             def encode_texts(texts: list[str]) -> torch.Tensor:
                 return encode(model, texts, self.batch_size, self.show_progress_bar, self.max_seq_length)
 
-            rows.update(evaluate_benchmark(benchmark, encode_texts(benchmark.corpus_texts), encode_texts))
+            rows.update(
+                evaluate_benchmark(benchmark, encode_texts(benchmark.corpus_texts), encode_texts, self.precisions)
+            )
         return add_group_means(rows, self.benchmarks)
 
     def __call__(self, model, output_path: str | None = None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
         self.last_rows = self.compute_rows(model)
         self.last_step = steps
-        metrics = {
-            f"{row}/{metric}": value
-            for row, values in self.last_rows.items()
-            for metric, value in values.items()
-            if not isinstance(value, dict) and metric != "bytes_per_vector"
-        }
+        metrics = {}
+        for row, values in self.last_rows.items():
+            for metric, value in values.items():
+                if isinstance(value, dict):  # binary sections: row/ubinary/metric
+                    metrics.update({f"{row}/{metric}/{m}": v for m, v in value.items() if m != "bytes_per_vector"})
+                elif metric != "bytes_per_vector":
+                    metrics[f"{row}/{metric}"] = value
         # primary: the last row, i.e. the group mean when there is one
         metrics["ndcg@10"] = self.last_rows[next(reversed(self.last_rows))]["ndcg@10"]
         return self.prefix_name_to_metrics(metrics, self.name)
@@ -454,15 +459,15 @@ class RetrievalEvaluator(BaseEvaluator):
 
 
 def markdown_table(results: dict[str, dict[str, dict]]) -> str:
-    """results[model][row] -> one table per benchmark row, in the original's format (+ NDCG@10 and, for binary
-    rows, bytes per vector and NDCG@10 retention)."""
+    """results[model][row] -> one table per benchmark row, in the original's format (MRR@1/5, NDCG@1/5) plus
+    NDCG@10, MRR@10, bytes per vector and, for binary rows, NDCG@10 retention (binary / float)."""
     benchmarks: list[str] = []
     for per_model in results.values():
         benchmarks += [b for b in per_model if b not in benchmarks]
     lines = []
     for bench in benchmarks:
-        lines += [f"### {bench}", "", "| Model | MRR@1 | MRR@5 | NDCG@1 | NDCG@5 | NDCG@10 | bytes/vector | NDCG@10 retention |",
-                  "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [f"### {bench}", "", "| Model | MRR@1 | MRR@5 | NDCG@1 | NDCG@5 | NDCG@10 | MRR@10 | bytes/vector | NDCG@10 retention |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for model, per_model in results.items():
             row = per_model.get(bench)
             if row is None:

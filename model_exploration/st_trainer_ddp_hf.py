@@ -12,6 +12,7 @@ group -> pick the run folder -> load the model -> build/read the source caches (
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraini
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 from sentence_transformers.util.distributed import distributed_evaluation
 
+import binary
 import cli
 import distributed
 import evaluation
@@ -29,7 +31,7 @@ import pretokenize
 import tracking
 from data import cache_path_for
 from errors import UserError
-from training import MixtureTrainer, bf16_supported
+from training import MixtureTrainer, PreemptionCallback, bf16_supported
 from utils import (
     build_dataset_configs_s1,
     build_dataset_configs_s2,
@@ -105,7 +107,7 @@ def load_model(args) -> tuple[SentenceTransformer, int]:
     return model, native_max_len
 
 
-def benchmark_rows(model, benchmarks, batch_size: int, max_seq_length: int) -> dict[str, dict]:
+def benchmark_rows(model, benchmarks, batch_size: int, max_seq_length: int, precisions: tuple[str, ...]) -> dict[str, dict]:
     """Benchmark a model on every rank together: rank 0 runs the evaluator, the others serve its encoding."""
     if not benchmarks:
         return {}
@@ -113,20 +115,21 @@ def benchmark_rows(model, benchmarks, batch_size: int, max_seq_length: int) -> d
     with distributed_evaluation(model) as runs_evaluator:
         if runs_evaluator:
             evaluator = evaluation.RetrievalEvaluator(
-                benchmarks, batch_size=batch_size, max_seq_length=max_seq_length, show_progress_bar=True
+                benchmarks, batch_size=batch_size, max_seq_length=max_seq_length, show_progress_bar=True,
+                precisions=precisions,
             )
             rows = evaluator.compute_rows(model)
     return distributed.broadcast_object(rows)
 
 
-def final_benchmark_rows(trainer, evaluator, benchmarks, batch_size: int, max_seq_length: int) -> dict[str, dict]:
+def final_benchmark_rows(trainer, evaluator, benchmarks, batch_size: int, max_seq_length: int, precisions) -> dict[str, dict]:
     """The final model's benchmark rows: those of the trainer's evaluation at the last step when there was one
     (transformers evaluates at the end of a run), else computed now. Rank 0 holds the evaluator's rows."""
     members = getattr(evaluator, "evaluators", [evaluator])
     in_training = next((e for e in members if getattr(e, "name", None) == "benchmarks"), None)
     fresh = in_training is not None and in_training.last_step == trainer.state.global_step
     rows = distributed.broadcast_object(in_training.last_rows if fresh else None)
-    return rows if rows is not None else benchmark_rows(trainer.model, benchmarks, batch_size, max_seq_length)
+    return rows if rows is not None else benchmark_rows(trainer.model, benchmarks, batch_size, max_seq_length, precisions)
 
 
 def training_arguments(args, output_dir: Path, has_evaluator: bool) -> SentenceTransformerTrainingArguments:
@@ -194,14 +197,27 @@ def run(argv: list[str] | None = None) -> None:
         train_sets = {s.spec.name: s.train for s in sources}
 
     benchmarks = [b for spec in args.eval_benchmarks for b in evaluation.load_benchmarks(spec)]
-    evaluator = prepare_evaluators(sources, benchmarks, args.eval_batch_size, eval_max_len)
-    before = benchmark_rows(model, benchmarks, args.eval_batch_size, eval_max_len) if args.stage == "sample" and not resume_from else {}
+    precisions = ("float32", "ubinary") if args.bat else ("float32",)
+    evaluator = prepare_evaluators(sources, benchmarks, args.eval_batch_size, eval_max_len, precisions)
+    before = (
+        benchmark_rows(model, benchmarks, args.eval_batch_size, eval_max_len, precisions)
+        if args.stage == "sample" and not resume_from
+        else {}
+    )
+    surrogate = binary.BinarySurrogate(args.bat, args.bat_beta_start, args.bat_beta_end) if args.bat else None
+    loss = (
+        binary.BinaryAwareMNRLoss(model, surrogate, float_weight=args.bat_float_weight)
+        if surrogate
+        else MultipleNegativesRankingLoss(model)
+    )
 
+    preemption = PreemptionCallback()
     trainer = MixtureTrainer(
         model=model,
         args=training_arguments(args, output_dir, evaluator is not None),
         train_dataset=DatasetDict(train_sets),
-        loss=MultipleNegativesRankingLoss(model),
+        loss=loss,
+        callbacks=[preemption] + ([binary.SurrogateStepCallback(surrogate)] if surrogate else []),
         evaluator=evaluator,
         source_weights={s.spec.name: s.spec.weight for s in sources},
         lr_schedule=dict(
@@ -213,15 +229,26 @@ def run(argv: list[str] | None = None) -> None:
         else None,
         **collator_kwargs,
     )
-    sampler_plan = trainer.get_train_dataloader().batch_sampler
-    for row in getattr(getattr(sampler_plan, "batch_sampler", sampler_plan), "plan", lambda: [])():
+    train_dataloader = trainer.get_train_dataloader()
+    if surrogate:
+        total_steps = args.max_steps or math.ceil(
+            args.num_train_epochs * len(train_dataloader) / args.gradient_accumulation_steps
+        )
+        surrogate.anneal_steps = max(1, round(args.bat_anneal_ratio * total_steps))
+    sampler = train_dataloader.batch_sampler
+    sampler = getattr(sampler, "batch_sampler", sampler)  # under DDP, accelerate's per-rank shard wraps ours
+    for row in sampler.plan():
         logger.info("mixture %-40s weight %7.3f size %8d batches/epoch %6d share %6.2f%%",
                     row["source"], row["weight"], row["size"], row["batches"], 100 * row["share"])  # fmt: skip
     trainer.train(resume_from_checkpoint=resume_from)
+    if preemption.stopped_at is not None:
+        logger.warning("SIGTERM: saved checkpoint-%d; continue with --resume_checkpoint_path %s",
+                       preemption.stopped_at, output_dir)  # fmt: skip
+        return
     final_dir = output_dir / "final"
     trainer.save_model(str(final_dir))
 
-    after = final_benchmark_rows(trainer, evaluator, benchmarks, args.eval_batch_size, eval_max_len)
+    after = final_benchmark_rows(trainer, evaluator, benchmarks, args.eval_batch_size, eval_max_len, precisions)
     if distributed.is_main_process() and after:
         table = {f"{args.model_name} (before)": before} if before else {}
         table[str(final_dir)] = after

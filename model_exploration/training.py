@@ -6,10 +6,13 @@ logging on rank 0) is the stock HF/sentence-transformers trainer.
 
 from __future__ import annotations
 
+import signal
 import time
 
 import torch
+import torch.distributed as dist
 from sentence_transformers import SentenceTransformerTrainer
+from transformers import TrainerCallback
 
 import distributed
 from lr_schedule import custom_lr_scheduler
@@ -76,6 +79,33 @@ class MixtureTrainer(SentenceTransformerTrainer):
             self._pairs = self._real_tokens = self._padded_tokens = 0
             self._since = time.perf_counter()
         super().log(logs, start_time)
+
+
+class PreemptionCallback(TrainerCallback):
+    """SIGTERM (SLURM preemption, `scancel`, torchrun shutting down) -> finish the current optimizer step, save a
+    checkpoint, stop. Ranks agree through a MAX all-reduce of the flag each step, so they all save the same step
+    even if the signal reaches them at different times."""
+
+    def __init__(self):
+        self.requested = False
+        self.stopped_at: int | None = None
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flag = self.requested
+        if dist.is_available() and dist.is_initialized():
+            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            tensor = torch.tensor([int(flag)], device=device)
+            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+            flag = bool(tensor.item())
+        if flag:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control
 
 
 def bf16_supported() -> bool:

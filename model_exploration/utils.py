@@ -2,7 +2,7 @@
 
     build_dataset_configs_s1 / build_dataset_configs_s2 / build_dataset_configs_sample  -> list[SourceSpec]
     load_and_cache_datasets(specs, cache_dir, nrows, seed, max_eval, n_data_src)      -> list[SourceData]
-    prepare_evaluators(sources, benchmarks, batch_size, max_seq_length)                -> evaluator | None
+    prepare_evaluators(sources, benchmarks, batch_size, max_seq_length, precisions)    -> evaluator | None
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ __all__ = [
 
 
 def prepare_evaluators(
-    sources: list[SourceData], benchmarks: list[Benchmark], batch_size: int = 32, max_seq_length: int | None = None
+    sources: list[SourceData],
+    benchmarks: list[Benchmark],
+    batch_size: int = 32,
+    max_seq_length: int | None = None,
+    precisions: tuple[str, ...] = ("float32",),
 ):
     """In-training evaluators: per-source validation retrieval (its mean NDCG@10 is the primary metric) and the
     chosen benchmarks. Encoding goes through SentenceTransformer.encode, which sentence-transformers shares
@@ -45,7 +49,9 @@ def prepare_evaluators(
     if validation:
         evaluators.append(RetrievalEvaluator(validation, name="validation", batch_size=batch_size))
     if benchmarks:
-        evaluators.append(RetrievalEvaluator(benchmarks, name="benchmarks", batch_size=batch_size, max_seq_length=max_seq_length))
+        evaluators.append(RetrievalEvaluator(
+                benchmarks, name="benchmarks", batch_size=batch_size, max_seq_length=max_seq_length, precisions=precisions
+            ))
     if not evaluators:
         return None
     return evaluators[0] if len(evaluators) == 1 else SequentialEvaluator(evaluators, main_score_function=itemgetter(0))

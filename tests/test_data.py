@@ -106,3 +106,17 @@ def test_validation_split_is_seeded_bounded_and_zero_means_none(tmp_path):
     assert len(val) == 10 and val["anchor"] == val_again["anchor"]  # capped at a tenth of the source
     assert not set(train["anchor"]) & set(val["anchor"])
     assert len(data._split_validation(pairs, 0, seed=5)[1]) == 0
+
+
+def test_a_concurrent_run_that_published_first_is_kept(tmp_path):
+    target = tmp_path / "cache" / "src-key"
+    target.parent.mkdir()
+    first = tmp_path / "first"
+    (first / "data").mkdir(parents=True)
+    (first / data.COMPLETE_MARKER).write_text('{"who": "first"}')
+    data._publish(first, target)
+    second = tmp_path / "second"
+    (second / "data").mkdir(parents=True)
+    (second / data.COMPLETE_MARKER).write_text('{"who": "second"}')
+    data._publish(second, target)  # loses the race: the published cache stays as it was
+    assert json.loads((target / data.COMPLETE_MARKER).read_text()) == {"who": "first"}

@@ -1,0 +1,74 @@
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+
+from binary import BinaryAwareMNRLoss, BinarySurrogate, SurrogateStepCallback, beta_at
+from helpers import PYTHON, subprocess_env
+
+
+def test_beta_schedule_is_geometric_then_flat():
+    assert beta_at(0, 1.0, 16.0, 100) == pytest.approx(1.0)
+    assert beta_at(50, 1.0, 16.0, 100) == pytest.approx(4.0)
+    assert beta_at(100, 1.0, 16.0, 100) == pytest.approx(16.0)
+    assert beta_at(1000, 1.0, 16.0, 100) == pytest.approx(16.0)
+
+
+@pytest.mark.parametrize("mode", ["ste", "clipped_ste", "tanh", "annealed_tanh"])
+def test_surrogate_is_exact_sign_at_inference_and_bits_match_ubinary(mode):
+    x = torch.randn(4, 32)
+    surrogate = BinarySurrogate(mode).eval()
+    out = surrogate(x)
+    assert torch.equal(out, torch.where(x > 0, 1.0, -1.0))
+    from sentence_transformers.util import quantize_embeddings
+
+    bits = np.unpackbits(quantize_embeddings(x.numpy(), "ubinary"), axis=-1)
+    assert np.array_equal(bits.astype(np.int64) * 2 - 1, out.numpy())
+
+
+def test_surrogate_gradients():
+    x = torch.tensor([[0.5, -3.0, 2.0, -0.1]], requires_grad=True)
+    BinarySurrogate("ste").train()(x).sum().backward()
+    ste_grad = x.grad.clone()
+    x.grad = None
+    BinarySurrogate("clipped_ste").train()(x).sum().backward()
+    # the RMS scaling makes the gradient dense; clipping zeroes the paths through |x/rms| > 1
+    assert ste_grad.abs().sum() > 0 and not torch.equal(ste_grad, x.grad)
+    annealed = BinarySurrogate("annealed_tanh", beta_start=1.0, beta_end=50.0, anneal_steps=10).train()
+    early = annealed(x.detach())
+    annealed.step = 10
+    late = annealed(x.detach())
+    assert (late.abs() > early.abs()).all() and late.abs().min() > 0.99  # approaches sign as beta grows
+
+
+def test_callback_follows_global_step():
+    surrogate = BinarySurrogate("annealed_tanh", anneal_steps=10)
+
+    class State:
+        global_step = 7
+
+    SurrogateStepCallback(surrogate).on_step_begin(None, State(), None)
+    assert surrogate.step == 7 and surrogate.beta == pytest.approx(beta_at(7, 1.0, 20.0, 10))
+
+
+def test_binary_aware_loss_trains_and_the_model_saves_as_a_plain_sentence_transformer(tiny_model, tmp_path):
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    loss_fn = BinaryAwareMNRLoss(model, BinarySurrogate("annealed_tanh", anneal_steps=5), float_weight=0.5)
+    features = [model.preprocess([f"query {i}" for i in range(4)]), model.preprocess([f"passage {i} text" for i in range(4)])]
+    model.train()
+    loss = loss_fn(features, None)
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None for p in model.parameters())
+    model.save(str(tmp_path / "eqat"))
+    script = (
+        "from sentence_transformers import SentenceTransformer\n"
+        f"m = SentenceTransformer({str(tmp_path / 'eqat')!r}, device='cpu')\n"
+        "bits = m.encode(['a query'], precision='ubinary')\n"
+        "print(bits.dtype, bits.shape)\n"
+    )
+    # a fresh interpreter without our folder on sys.path
+    out = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "uint8 (1, 8)"
