@@ -55,9 +55,13 @@ def main() -> None:
         model.max_seq_length = args.max_seq_length
     texts = scifact_passages(args.limit)
     encode_fast(model, texts[:64], args.token_budget)  # warm-up (allocator, kernels)
-    reference, t_st = timed(lambda: model.encode(texts, batch_size=args.batch_size, convert_to_tensor=True).float().cpu())
+    reference, t_st = timed(
+        lambda: model.encode(texts, batch_size=args.batch_size, convert_to_tensor=True).float().cpu()
+    )
     ours, t_ours = timed(lambda: encode_fast(model, texts, args.token_budget))
-    print(f"device={device} model={Path(args.model or 'all-MiniLM-L6-v2').name} passages={len(texts)} max_len={model.max_seq_length}")
+    print(
+        f"device={device} model={Path(args.model or 'all-MiniLM-L6-v2').name} passages={len(texts)} max_len={model.max_seq_length}"
+    )
     print(f"SentenceTransformer.encode(batch_size={args.batch_size}): {len(texts) / t_st:8.1f} passages/s")
     print(f"encode_fast(token_budget={args.token_budget}):        {len(texts) / t_ours:8.1f} passages/s")
     print(f"max_abs_diff={float((ours - reference).abs().max()):.2e}")

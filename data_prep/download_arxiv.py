@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_exploration"))
 
-from errors import UserError  # noqa: E402
+from errors import UserError, exit_status  # noqa: E402
 from tracking import load_env  # noqa: E402
 
 KAGGLE_DATASET = "Cornell-University/arxiv"
@@ -26,7 +26,9 @@ def download(out_dir: Path) -> Path:
     load_env()
     has_env = os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY")
     if not has_env and not (Path.home() / ".kaggle" / "kaggle.json").exists():
-        raise UserError("no Kaggle credentials: set KAGGLE_USERNAME and KAGGLE_KEY in .env, or create ~/.kaggle/kaggle.json")
+        raise UserError(
+            "no Kaggle credentials: set KAGGLE_USERNAME and KAGGLE_KEY in .env, or create ~/.kaggle/kaggle.json"
+        )
     try:
         from kaggle.api.kaggle_api_extended import KaggleApi
     except ImportError as exc:
@@ -37,7 +39,9 @@ def download(out_dir: Path) -> Path:
     try:
         api.dataset_download_file(KAGGLE_DATASET, SNAPSHOT, path=str(out_dir))
     except Exception as exc:  # noqa: BLE001 - any API failure becomes one actionable line
-        raise UserError(f"Kaggle download of {KAGGLE_DATASET}/{SNAPSHOT} failed ({type(exc).__name__}: {exc})") from None
+        raise UserError(
+            f"Kaggle download of {KAGGLE_DATASET}/{SNAPSHOT} failed ({type(exc).__name__}: {exc})"
+        ) from None
     zipped = out_dir / f"{SNAPSHOT}.zip"
     if zipped.exists():
         import zipfile
@@ -51,12 +55,8 @@ def download(out_dir: Path) -> Path:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", type=Path, default=Path("data/arxiv"))
-    try:
-        print(download(parser.parse_args().out_dir))
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    out_dir = parser.parse_args().out_dir
+    return exit_status(lambda: print(download(out_dir)))
 
 
 if __name__ == "__main__":

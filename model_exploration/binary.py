@@ -17,8 +17,10 @@ The loss is MNRL on the surrogate embeddings plus `float_weight` x MNRL on the f
 from __future__ import annotations
 
 import torch
-from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 from sentence_transformers.base.losses.merged_forward import embed_columns
+from sentence_transformers.sentence_transformer.losses import (
+    MultipleNegativesRankingLoss,
+)
 from transformers import TrainerCallback
 
 MODES = ("ste", "clipped_ste", "tanh", "annealed_tanh")

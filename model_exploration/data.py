@@ -138,7 +138,9 @@ def _clean(text: str, cleaner: str | None) -> str:
 
 
 def _check_columns(spec: SourceSpec, first: dict[str, Any]) -> None:
-    wanted = [spec.pair_from_list] if spec.pair_from_list else [c for c in (spec.anchor, spec.positive, spec.negative) if c]
+    wanted = (
+        [spec.pair_from_list] if spec.pair_from_list else [c for c in (spec.anchor, spec.positive, spec.negative) if c]
+    )
     for path in wanted:
         try:
             resolve_path(first, path)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ import torch
 
 import evaluation
 from encoding import encode_fast
-from errors import UserError
+from errors import UserError, exit_status
 
 logger = logging.getLogger("evaluate")
 DONE_FILE = "evaluated.json"
@@ -34,12 +35,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", required=True, help="hub ids or local SentenceTransformer folders")
     p.add_argument("--benchmarks", nargs="+", required=True, help="nanobeir, nasa_smd, nasa_sde, beir:PATH")
     p.add_argument("--output_dir", required=True, type=Path)
-    p.add_argument("--precision", nargs="+", default=["float32"], choices=["float32", "ubinary"],
-                   help="one value for all models, or one per model; ubinary adds 1-bit Hamming search rows")
-    p.add_argument("--rescore_multiplier", type=int, default=0,
-                   help="ubinary: also re-rank the top k x this many Hamming hits with the float query (0 = off)")
-    p.add_argument("--token_budget", type=int, default=16384,
-                   help="padded tokens per encoding batch (texts are sorted by token count; see encoding.py)")
+    p.add_argument(
+        "--precision",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "ubinary"],
+        help="one value for all models, or one per model; ubinary adds 1-bit Hamming search rows",
+    )
+    p.add_argument(
+        "--rescore_multiplier",
+        type=int,
+        default=0,
+        help="ubinary: also re-rank the top k x this many Hamming hits with the float query (0 = off)",
+    )
+    p.add_argument(
+        "--token_budget",
+        type=int,
+        default=16384,
+        help="padded tokens per encoding batch (texts are sorted by token count; see encoding.py)",
+    )
     p.add_argument("--max_seq_length", type=int, default=None, help="default: each model's own")
     p.add_argument("--no_charts", action="store_true", help="skip the PNG bar charts")
     return p
@@ -66,7 +80,9 @@ def _slug(text: str) -> str:
 
 def cached_corpus_embeddings(model, model_name: str, benchmark, args, cache_root: Path) -> torch.Tensor:
     max_len = args.max_seq_length or model.max_seq_length
-    key = hashlib.sha256(f"{model_fingerprint(model_name)}|{benchmark.fingerprint()}|{max_len}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{model_fingerprint(model_name)}|{benchmark.fingerprint()}|{max_len}".encode()).hexdigest()[
+        :16
+    ]
     path = cache_root / _slug(model_name) / f"{_slug(benchmark.name)}-{key}.npy"
     if path.exists():
         return torch.from_numpy(np.load(path))
@@ -83,18 +99,24 @@ def load_model(name: str):
     from sentence_transformers import SentenceTransformer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    kwargs = {"model_kwargs": {"torch_dtype": torch.bfloat16}} if device == "cuda" and torch.cuda.is_bf16_supported() else {}
+    kwargs = (
+        {"model_kwargs": {"torch_dtype": torch.bfloat16}} if device == "cuda" and torch.cuda.is_bf16_supported() else {}
+    )
     try:
         return SentenceTransformer(name, device=device, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any loading failure becomes one actionable line
-        raise UserError(f"--models {name}: cannot load it ({type(exc).__name__}); pass a model folder or hub id") from None
+        raise UserError(
+            f"--models {name}: cannot load it ({type(exc).__name__}); pass a model folder or hub id"
+        ) from None
 
 
 def run(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if len(args.precision) not in (1, len(args.models)):
         raise UserError(f"--precision: give one value or one per model ({len(args.models)}), got {len(args.precision)}")
-    precisions = dict(zip(args.models, args.precision * len(args.models) if len(args.precision) == 1 else args.precision))
+    precisions = dict(
+        zip(args.models, args.precision * len(args.models) if len(args.precision) == 1 else args.precision)
+    )
     out: Path = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
@@ -121,7 +143,7 @@ def run(argv: list[str] | None = None) -> dict:
                     evaluation.evaluate_benchmark(
                         benchmark,
                         corpus_emb,
-                        lambda texts: encode_fast(model, texts, args.token_budget, args.max_seq_length),
+                        partial(encode_fast, model, token_budget=args.token_budget, max_seq_length=args.max_seq_length),
                         precisions=("float32", precisions[model_name]),
                         rescore_multiplier=args.rescore_multiplier,
                     )
@@ -146,12 +168,7 @@ def run(argv: list[str] | None = None) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    try:
-        run(argv)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run(argv))
 
 
 if __name__ == "__main__":

@@ -90,7 +90,9 @@ def _read_jsonl(path: Path) -> list[dict]:
 
 
 def _find(folder: Path, stem: str) -> Path | None:
-    return next((folder / f"{stem}{ext}" for ext in (".jsonl", ".jsonl.gz") if (folder / f"{stem}{ext}").exists()), None)
+    return next(
+        (folder / f"{stem}{ext}" for ext in (".jsonl", ".jsonl.gz") if (folder / f"{stem}{ext}").exists()), None
+    )
 
 
 def read_qrels(path: Path) -> dict[str, set[str]]:
@@ -151,7 +153,10 @@ def load_beir_folder(
     if missing:
         raise UserError(f"{name}: qrels file(s) missing: {', '.join(missing)}; a BEIR folder needs qrels/test.tsv")
     docs = sorted(
-        ((str(d["_id"]), (str(d.get("title") or "") + " " + str(d.get("text") or "")).strip()) for d in _read_jsonl(corpus_path)),
+        (
+            (str(d["_id"]), (str(d.get("title") or "") + " " + str(d.get("text") or "")).strip())
+            for d in _read_jsonl(corpus_path)
+        ),
     )  # sorted by id: position order == id order, which is the tie-break order
     corpus_ids = [d[0] for d in docs]
     id_set = set(corpus_ids)
@@ -220,7 +225,9 @@ def validation_benchmark(
     doc_id = {t: f"d{i:08d}" for i, t in enumerate(texts)}
     query_ids = [f"q{i:08d}" for i in range(len(anchors))]
     relevant = {q: {doc_id[p]} for q, p in zip(query_ids, positives)}
-    return Benchmark(name, [doc_id[t] for t in texts], texts, [QuerySet(name, query_ids, list(anchors), relevant)], group=group)
+    return Benchmark(
+        name, [doc_id[t] for t in texts], texts, [QuerySet(name, query_ids, list(anchors), relevant)], group=group
+    )
 
 
 # ---------------------------------------------------------------- search
@@ -286,15 +293,11 @@ def binary_search(query_packed: np.ndarray, corpus_packed: np.ndarray, k: int) -
 
 def rescore(query_emb: torch.Tensor, corpus_packed: np.ndarray, candidates: np.ndarray, k: int) -> np.ndarray:
     """Re-rank Hamming candidates by float query . sign(document), as sentence-transformers' quantized search does."""
-    q = query_emb.float()
     out = []
-    for row, cand in zip(q, candidates):
-        docs = unpack_signs(corpus_packed[cand])
-        scores = docs @ row
-        order = torch.sort(scores, descending=True, stable=True).indices[:k].numpy()
-        # Stable over candidates kept in Hamming order; re-sort ties by position for the global tie rule.
-        ranked = cand[order]
-        out.append(ranked)
+    for query, cand in zip(query_emb.float(), candidates, strict=True):
+        scores = unpack_signs(corpus_packed[cand]) @ query
+        # a stable sort keeps equal scores in their Hamming order, so ties stay deterministic
+        out.append(cand[torch.sort(scores, descending=True, stable=True).indices[:k].numpy()])
     return np.stack(out)
 
 
@@ -329,7 +332,9 @@ def ir_metrics(ranked_ids: Sequence[Sequence[str]], relevant: Sequence[set[str]]
 # ---------------------------------------------------------------- evaluating a model
 
 
-def encode(model, texts: list[str], batch_size: int, show_progress_bar: bool, max_seq_length: int | None = None) -> torch.Tensor:
+def encode(
+    model, texts: list[str], batch_size: int, show_progress_bar: bool, max_seq_length: int | None = None
+) -> torch.Tensor:
     """Float embeddings through SentenceTransformer.encode (length-sorted batches; under the trainer it shares the
     work across DDP ranks via sentence-transformers' distributed inference). `max_seq_length` applies to this
     call only, so a model trained on shorter texts is still evaluated under the benchmark's protocol."""
@@ -341,6 +346,10 @@ def encode(model, texts: list[str], batch_size: int, show_progress_bar: bool, ma
     finally:
         model.max_seq_length = previous
     return emb.float().cpu()
+
+
+def _score(benchmark: Benchmark, positions: np.ndarray, relevant: list[set[str]]) -> dict[str, float]:
+    return ir_metrics([[benchmark.corpus_ids[p] for p in row] for row in positions], relevant)
 
 
 def evaluate_benchmark(
@@ -360,11 +369,7 @@ def evaluate_benchmark(
     for qs in benchmark.query_sets:
         query_emb = encode_queries(qs.query_texts)
         relevant = [qs.relevant[q] for q in qs.query_ids]
-
-        def score(positions: np.ndarray) -> dict[str, float]:
-            return ir_metrics([[benchmark.corpus_ids[p] for p in row] for row in positions], relevant)
-
-        row = score(float_search(query_emb, corpus_emb, k))
+        row = _score(benchmark, float_search(query_emb, corpus_emb, k), relevant)
         row["bytes_per_vector"] = int(corpus_emb.shape[1] * 4)
         if corpus_packed is not None:
             query_packed = quantize_embeddings(query_emb.numpy(), "ubinary")
@@ -373,7 +378,7 @@ def evaluate_benchmark(
                 candidates = binary_search(query_packed, corpus_packed, k * rescore_multiplier)
                 variants["ubinary_rescore"] = rescore(query_emb, corpus_packed, candidates, k)
             for variant, positions in variants.items():
-                metrics = score(positions)
+                metrics = _score(benchmark, positions, relevant)
                 metrics["bytes_per_vector"] = int(corpus_packed.shape[1])
                 metrics.update({f"retention_{m}": metrics[m] / row[m] if row[m] else 0.0 for m in TABLE_COLUMNS})
                 row[variant] = metrics
@@ -432,6 +437,7 @@ class RetrievalEvaluator(BaseEvaluator):
     def compute_rows(self, model) -> dict[str, dict]:
         rows: dict[str, dict] = {}
         for benchmark in self.benchmarks:
+
             def encode_texts(texts: list[str]) -> torch.Tensor:
                 return encode(model, texts, self.batch_size, self.show_progress_bar, self.max_seq_length)
 
@@ -473,7 +479,9 @@ def markdown_table(results: dict[str, dict[str, dict]]) -> str:
             if row is None:
                 continue
             variants = [(model, row, "")] + [
-                (f"{model} ({v})", row[v], f"{row[v]['retention_ndcg@10']:.3f}") for v in ("ubinary", "ubinary_rescore") if v in row
+                (f"{model} ({v})", row[v], f"{row[v]['retention_ndcg@10']:.3f}")
+                for v in ("ubinary", "ubinary_rescore")
+                if v in row
             ]
             for label, values, retention in variants:
                 cells = " | ".join(f"{values[c]:.4f}" for c in TABLE_COLUMNS)
@@ -487,7 +495,9 @@ def flatten(results: dict[str, dict[str, dict]]) -> list[dict]:
     records = []
     for model, per_model in results.items():
         for bench, row in per_model.items():
-            for precision, values in [("float32", row)] + [(v, row[v]) for v in ("ubinary", "ubinary_rescore") if v in row]:
+            for precision, values in [("float32", row)] + [
+                (v, row[v]) for v in ("ubinary", "ubinary_rescore") if v in row
+            ]:
                 records.append(
                     {"model": model, "benchmark": bench, "precision": precision}
                     | {k: v for k, v in values.items() if not isinstance(v, dict)}
@@ -536,8 +546,10 @@ def write_charts(results: dict[str, dict[str, dict]], output_dir: Path) -> None:
             if bench not in per_model:
                 continue
             row = per_model[bench]
-            for label, v in [(model, row)] + [(f"{model} ({p})", row[p]) for p in ("ubinary", "ubinary_rescore") if p in row]:
-                labels.append(Path(label).name if os.sep in label else label)
+            for label, v in [(model, row)] + [
+                (f"{model} ({p})", row[p]) for p in ("ubinary", "ubinary_rescore") if p in row
+            ]:
+                labels.append("/".join(Path(label).parts[-2:]) if os.sep in label else label)  # run/final, org/model
                 values.append([v[c] for c in TABLE_COLUMNS])
         fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(TABLE_COLUMNS)), 4))
         width = 0.8 / max(1, len(labels))

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset, DatasetDict, load_from_disk
-from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+from sentence_transformers.sentence_transformer.data_collator import (
+    SentenceTransformerDataCollator,
+)
 
 import data
 

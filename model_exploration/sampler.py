@@ -19,7 +19,10 @@ from collections.abc import Iterator
 from itertools import accumulate
 
 import torch
-from sentence_transformers.base.sampler import MultiDatasetDefaultBatchSampler, NoDuplicatesBatchSampler
+from sentence_transformers.base.sampler import (
+    MultiDatasetDefaultBatchSampler,
+    NoDuplicatesBatchSampler,
+)
 from torch.utils.data import BatchSampler, ConcatDataset
 
 from errors import UserError

@@ -115,11 +115,7 @@ def _select(specs: list[SourceSpec], enable: list[str] | None, disable: list[str
         unknown = set(chosen or []) - names
         if unknown:
             raise UserError(f"{flag}: unknown source(s) {sorted(unknown)}; known: {sorted(names)}")
-    return [
-        s
-        for s in specs
-        if (s.enabled or s.name in (enable or [])) and s.name not in (disable or [])
-    ]
+    return [s for s in specs if (s.enabled or s.name in (enable or [])) and s.name not in (disable or [])]
 
 
 def build_dataset_configs_s1(enable: list[str] | None = None, disable: list[str] | None = None) -> list[SourceSpec]:

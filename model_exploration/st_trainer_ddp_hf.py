@@ -19,8 +19,13 @@ from pathlib import Path
 
 import torch
 from datasets import DatasetDict
-from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
-from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from sentence_transformers import (
+    SentenceTransformer,
+    SentenceTransformerTrainingArguments,
+)
+from sentence_transformers.sentence_transformer.losses import (
+    MultipleNegativesRankingLoss,
+)
 from sentence_transformers.util.distributed import distributed_evaluation
 
 import binary
@@ -30,7 +35,7 @@ import evaluation
 import pretokenize
 import tracking
 from data import cache_path_for
-from errors import UserError
+from errors import UserError, exit_status
 from training import MixtureTrainer, PreemptionCallback, bf16_supported
 from utils import (
     build_dataset_configs_s1,
@@ -61,7 +66,9 @@ def print_plan(specs, args, cache_dir: Path) -> None:
     for s in specs:
         expand = "  (one source per hub config, expanded at build time)" if s.expand_configs else ""
         print(f"{s.name:48} {s.weight:8.3f} {s.weight / total_weight:8.2%}  {s.describe()}{expand}")
-        print(f"{'':67}cache: {cache_path_for(cache_dir, s, args.nrows, args.seed, args.max_datapoints_per_src_for_eval)}")
+        print(
+            f"{'':67}cache: {cache_path_for(cache_dir, s, args.nrows, args.seed, args.max_datapoints_per_src_for_eval)}"
+        )
         for member in s.replay_of:
             print(f"{'':67}replays {member.name}: {member.describe()}")
 
@@ -103,11 +110,15 @@ def load_model(args) -> tuple[SentenceTransformer, int]:
     limit = getattr(model[0].auto_model.config, "max_position_embeddings", args.model_max_len)
     model.max_seq_length = min(args.model_max_len, limit)
     if args.model_max_len > limit:
-        logger.warning("--model_max_len %d exceeds the model's %d positions; using %d", args.model_max_len, limit, limit)
+        logger.warning(
+            "--model_max_len %d exceeds the model's %d positions; using %d", args.model_max_len, limit, limit
+        )
     return model, native_max_len
 
 
-def benchmark_rows(model, benchmarks, batch_size: int, max_seq_length: int, precisions: tuple[str, ...]) -> dict[str, dict]:
+def benchmark_rows(
+    model, benchmarks, batch_size: int, max_seq_length: int, precisions: tuple[str, ...]
+) -> dict[str, dict]:
     """Benchmark a model on every rank together: rank 0 runs the evaluator, the others serve its encoding."""
     if not benchmarks:
         return {}
@@ -115,21 +126,28 @@ def benchmark_rows(model, benchmarks, batch_size: int, max_seq_length: int, prec
     with distributed_evaluation(model) as runs_evaluator:
         if runs_evaluator:
             evaluator = evaluation.RetrievalEvaluator(
-                benchmarks, batch_size=batch_size, max_seq_length=max_seq_length, show_progress_bar=True,
+                benchmarks,
+                batch_size=batch_size,
+                max_seq_length=max_seq_length,
+                show_progress_bar=True,
                 precisions=precisions,
             )
             rows = evaluator.compute_rows(model)
     return distributed.broadcast_object(rows)
 
 
-def final_benchmark_rows(trainer, evaluator, benchmarks, batch_size: int, max_seq_length: int, precisions) -> dict[str, dict]:
+def final_benchmark_rows(
+    trainer, evaluator, benchmarks, batch_size: int, max_seq_length: int, precisions
+) -> dict[str, dict]:
     """The final model's benchmark rows: those of the trainer's evaluation at the last step when there was one
     (transformers evaluates at the end of a run), else computed now. Rank 0 holds the evaluator's rows."""
     members = getattr(evaluator, "evaluators", [evaluator])
     in_training = next((e for e in members if getattr(e, "name", None) == "benchmarks"), None)
     fresh = in_training is not None and in_training.last_step == trainer.state.global_step
     rows = distributed.broadcast_object(in_training.last_rows if fresh else None)
-    return rows if rows is not None else benchmark_rows(trainer.model, benchmarks, batch_size, max_seq_length, precisions)
+    return (
+        rows if rows is not None else benchmark_rows(trainer.model, benchmarks, batch_size, max_seq_length, precisions)
+    )
 
 
 def training_arguments(args, output_dir: Path, has_evaluator: bool) -> SentenceTransformerTrainingArguments:
@@ -186,10 +204,18 @@ def run(argv: list[str] | None = None) -> None:
         specs, cache_dir, args.nrows, args.seed, args.max_datapoints_per_src_for_eval, args.n_data_src
     )
     for s in sources:
-        logger.info("source %-40s train %8d  val %4d  dropped(empty) %d", s.spec.name, len(s.train), len(s.validation), s.dropped_empty)
+        logger.info(
+            "source %-40s train %8d  val %4d  dropped(empty) %d",
+            s.spec.name,
+            len(s.train),
+            len(s.validation),
+            s.dropped_empty,
+        )
     collator_kwargs = {}
     if args.pretokenize:
-        train_sets = {s.spec.name: pretokenize.pretokenize_source(s, model.tokenizer, model.max_seq_length)[0] for s in sources}
+        train_sets = {
+            s.spec.name: pretokenize.pretokenize_source(s, model.tokenizer, model.max_seq_length)[0] for s in sources
+        }
         collator_kwargs["data_collator"] = pretokenize.PretokenizedCollator(
             preprocess_fn=model.preprocess, tokenizer=model.tokenizer
         )
@@ -262,12 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         format=f"%(asctime)s [rank {distributed.rank()}] %(levelname)s %(name)s: %(message)s", level=logging.INFO
     )
-    try:
-        run(argv)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return exit_status(lambda: run(argv))
 
 
 if __name__ == "__main__":

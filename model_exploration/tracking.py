@@ -64,7 +64,9 @@ def check_wandb_credentials(mode: str) -> None:
     if mode != "online":
         return
     has_netrc = any(
-        "api.wandb.ai" in p.read_text(errors="ignore") for p in (Path.home() / ".netrc", Path.home() / "_netrc") if p.is_file()
+        "api.wandb.ai" in p.read_text(errors="ignore")
+        for p in (Path.home() / ".netrc", Path.home() / "_netrc")
+        if p.is_file()
     )
     if not os.environ.get("WANDB_API_KEY") and not has_netrc:
         raise UserError(

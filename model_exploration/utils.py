@@ -1,8 +1,8 @@
 """The workflow's public helpers, under the names users of the original scripts know.
 
-    build_dataset_configs_s1 / build_dataset_configs_s2 / build_dataset_configs_sample  -> list[SourceSpec]
-    load_and_cache_datasets(specs, cache_dir, nrows, seed, max_eval, n_data_src)      -> list[SourceData]
-    prepare_evaluators(sources, benchmarks, batch_size, max_seq_length, precisions)    -> evaluator | None
+build_dataset_configs_s1 / build_dataset_configs_s2 / build_dataset_configs_sample  -> list[SourceSpec]
+load_and_cache_datasets(specs, cache_dir, nrows, seed, max_eval, n_data_src)      -> list[SourceData]
+prepare_evaluators(sources, benchmarks, batch_size, max_seq_length, precisions)    -> evaluator | None
 """
 
 from __future__ import annotations
@@ -13,7 +13,11 @@ from sentence_transformers.base.evaluation.sequential import SequentialEvaluator
 
 from data import SourceData, load_and_cache_datasets
 from evaluation import Benchmark, RetrievalEvaluator, validation_benchmark
-from sources import build_dataset_configs_s1, build_dataset_configs_s2, build_dataset_configs_sample
+from sources import (
+    build_dataset_configs_s1,
+    build_dataset_configs_s2,
+    build_dataset_configs_sample,
+)
 
 __all__ = [
     "build_dataset_configs_s1",
@@ -49,9 +53,15 @@ def prepare_evaluators(
     if validation:
         evaluators.append(RetrievalEvaluator(validation, name="validation", batch_size=batch_size))
     if benchmarks:
-        evaluators.append(RetrievalEvaluator(
-                benchmarks, name="benchmarks", batch_size=batch_size, max_seq_length=max_seq_length, precisions=precisions
-            ))
+        evaluators.append(
+            RetrievalEvaluator(
+                benchmarks,
+                name="benchmarks",
+                batch_size=batch_size,
+                max_seq_length=max_seq_length,
+                precisions=precisions,
+            )
+        )
     if not evaluators:
         return None
     return evaluators[0] if len(evaluators) == 1 else SequentialEvaluator(evaluators, main_score_function=itemgetter(0))

@@ -42,5 +42,7 @@ def small_beir(tmp_path_factory) -> Path:
     with (src / "queries.jsonl").open() as f:
         queries = [q for q in map(json.loads, f) if q["_id"] in query_ids]
     (out / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
-    (out / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join("\t".join(r) + "\n" for r in qrels))
+    (out / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join("\t".join(r) + "\n" for r in qrels)
+    )
     return out

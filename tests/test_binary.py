@@ -56,7 +56,10 @@ def test_callback_follows_global_step():
 def test_binary_aware_loss_trains_and_the_model_saves_as_a_plain_sentence_transformer(tiny_model, tmp_path):
     model = SentenceTransformer(str(tiny_model), device="cpu")
     loss_fn = BinaryAwareMNRLoss(model, BinarySurrogate("annealed_tanh", anneal_steps=5), float_weight=0.5)
-    features = [model.preprocess([f"query {i}" for i in range(4)]), model.preprocess([f"passage {i} text" for i in range(4)])]
+    features = [
+        model.preprocess([f"query {i}" for i in range(4)]),
+        model.preprocess([f"passage {i} text" for i in range(4)]),
+    ]
     model.train()
     loss = loss_fn(features, None)
     loss.backward()
@@ -69,6 +72,8 @@ def test_binary_aware_loss_trains_and_the_model_saves_as_a_plain_sentence_transf
         "print(bits.dtype, bits.shape)\n"
     )
     # a fresh interpreter without our folder on sys.path
-    out = subprocess.run([PYTHON, "-c", script], capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=120)
+    out = subprocess.run(
+        [PYTHON, "-c", script], capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=120
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "uint8 (1, 8)"

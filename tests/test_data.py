@@ -69,7 +69,9 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 
 
 def test_missing_arxiv_snapshot_says_which_command_to_run(tmp_path):
-    spec = SourceSpec(name="arxiv", loader="arxiv_kaggle", data_files=str(tmp_path / "nope.json"), anchor="title", positive="abstract")
+    spec = SourceSpec(
+        name="arxiv", loader="arxiv_kaggle", data_files=str(tmp_path / "nope.json"), anchor="title", positive="abstract"
+    )
     with pytest.raises(UserError, match="data_prep/download_arxiv.py"):
         data._load_raw(spec, None)
 

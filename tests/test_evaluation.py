@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+from sentence_transformers.sentence_transformer.evaluation import (
+    InformationRetrievalEvaluator,
+)
 from sentence_transformers.util import quantize_embeddings
 
 import evaluation
@@ -29,7 +31,18 @@ def test_metrics_agree_with_sentence_transformers_evaluator(model, small_beir):
         mrr_at_k=[1, 5, 10], ndcg_at_k=[1, 5, 10], precision_recall_at_k=[1, 5, 10], map_at_k=[100],
         accuracy_at_k=[1], batch_size=32, name="st",
     )(model)  # fmt: skip
-    for metric in ("mrr@1", "mrr@5", "mrr@10", "ndcg@1", "ndcg@5", "ndcg@10", "recall@1", "recall@5", "recall@10", "map@100"):
+    for metric in (
+        "mrr@1",
+        "mrr@5",
+        "mrr@10",
+        "ndcg@1",
+        "ndcg@5",
+        "ndcg@10",
+        "recall@1",
+        "recall@5",
+        "recall@10",
+        "map@100",
+    ):
         assert ours[metric] == pytest.approx(st[f"st_cosine_{metric}"], abs=1e-4), metric
     assert 0 < ours["ndcg@10"] < 1
 
@@ -37,7 +50,9 @@ def test_metrics_agree_with_sentence_transformers_evaluator(model, small_beir):
 def test_ties_are_broken_by_corpus_id_and_chunking_does_not_matter():
     scores = torch.tensor([[0.5, 0.9, 0.5, 0.9, 0.1, 0.5]])
     for chunk in (1, 2, 4, 100):
-        top = evaluation.chunked_search(scores[:, :0], 6, lambda q, c0, c1: scores[:, c0:c1], 4, corpus_chunk_size=chunk)
+        top = evaluation.chunked_search(
+            scores[:, :0], 6, lambda q, c0, c1: scores[:, c0:c1], 4, corpus_chunk_size=chunk
+        )
         assert top.tolist() == [[1, 3, 0, 2]]
 
 

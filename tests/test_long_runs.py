@@ -19,7 +19,9 @@ def _base(tiny_model, out, *extra):
 
 def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(tiny_model, tmp_path):
     cmd = _base(tiny_model, tmp_path, "--max_steps", "400", "--eval_and_save_steps", "1000", "--run_name", "pre")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(), cwd=REPO)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(), cwd=REPO
+    )
     output = []
     deadline = time.time() + 240
     for line in proc.stdout:
@@ -57,8 +59,14 @@ def test_two_nodes_rendezvous_on_loopback(tiny_model, tmp_path):
     args = _base(tiny_model, tmp_path, "--nrows", "64", "--max_steps", "5", "--eval_and_save_steps", "5",
                  "--run_name", "nodes")[1:]  # fmt: skip
     nodes = [
-        subprocess.Popen(launcher + args[1:], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                         env=subprocess_env(), cwd=REPO)  # fmt: skip
+        subprocess.Popen(
+            launcher + args[1:],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=subprocess_env(),
+            cwd=REPO,
+        )  # fmt: skip
         for _ in range(2)
     ]
     logs = [n.communicate(timeout=600)[0] for n in nodes]

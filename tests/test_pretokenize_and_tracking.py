@@ -3,7 +3,9 @@ import json
 import torch
 from datasets import Dataset
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
+from sentence_transformers.sentence_transformer.data_collator import (
+    SentenceTransformerDataCollator,
+)
 
 import data
 import pretokenize
@@ -13,7 +15,9 @@ from sources import SourceSpec
 
 def test_pretokenized_batches_equal_on_the_fly_batches_and_pad_per_batch(tiny_model, tmp_path):
     model = SentenceTransformer(str(tiny_model), device="cpu")
-    rows = [{"anchor": f"short query {i}", "positive": "a longer passage about mitochondria " * (i + 1)} for i in range(6)]
+    rows = [
+        {"anchor": f"short query {i}", "positive": "a longer passage about mitochondria " * (i + 1)} for i in range(6)
+    ]
     source = data.SourceData(
         SourceSpec(name="s", hub="x", anchor="anchor", positive="positive"),
         Dataset.from_list(rows), Dataset.from_list(rows[:1]), 0, tmp_path,

@@ -6,7 +6,12 @@ import pytest
 
 from errors import UserError
 from helpers import ENTRY, PYTHON, REPO, subprocess_env
-from sources import build_dataset_configs_s1, build_dataset_configs_s2, build_dataset_configs_sample, load_registry
+from sources import (
+    build_dataset_configs_s1,
+    build_dataset_configs_s2,
+    build_dataset_configs_sample,
+    load_registry,
+)
 
 STAGE1 = {
     # hub id, config: (anchor, positive, negative)

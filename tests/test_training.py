@@ -93,10 +93,19 @@ def test_resume_continues_with_the_same_batches_and_learning_rates(tiny_model, t
     "args, expected",
     [
         (["--stage", "3"], "argument --stage: invalid choice"),
-        (["--stage", "sample", "--wb_mode", "disabled", "--resume_checkpoint_path", "/nonexistent/ckpt"], "error: --resume_checkpoint_path: /nonexistent/ckpt does not exist"),
-        (["--stage", "sample", "--wb_mode", "disabled", "--model_name", "no-such-org/no-such-model"], "error: --model_name no-such-org/no-such-model: cannot load it"),
+        (
+            ["--stage", "sample", "--wb_mode", "disabled", "--resume_checkpoint_path", "/nonexistent/ckpt"],
+            "error: --resume_checkpoint_path: /nonexistent/ckpt does not exist",
+        ),
+        (
+            ["--stage", "sample", "--wb_mode", "disabled", "--model_name", "no-such-org/no-such-model"],
+            "error: --model_name no-such-org/no-such-model: cannot load it",
+        ),
         (["--stage", "sample", "--wb_mode", "online"], "error: --wb_mode online: no W&B key"),
-        (["--stage", "sample", "--lr", "1e-5", "--lr_min_custom", "1e-4"], "--lr_min_custom must be between 0 and --lr"),
+        (
+            ["--stage", "sample", "--lr", "1e-5", "--lr_min_custom", "1e-4"],
+            "--lr_min_custom must be between 0 and --lr",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(args, expected, tmp_path):
