@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="mixture: 1 = general pairs, 2 = scientific + Stage-1 replay, sample = bundled offline data",
     )
     g.add_argument(
+        "--mixture",
+        default=None,
+        metavar="YAML",
+        help="train on your own mixture file instead of the stage's registry (same format as mixtures/*.yaml)",
+    )
+    g.add_argument(
         "--nrows",
         type=_positive_int,
         default=None,

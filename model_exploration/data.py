@@ -248,12 +248,26 @@ def _publish(tmp: Path, path: Path) -> None:
         os.rename(tmp, path)
 
 
+def _is_intact(path: Path) -> bool:
+    """The cached DatasetDict loads and each split has the row count its marker recorded."""
+    try:
+        meta = json.loads((path / COMPLETE_MARKER).read_text())
+        splits = load_from_disk(str(path / "data"))
+        return all(len(splits[name]) == meta[name] for name in splits)
+    except Exception:  # noqa: BLE001 - any failure to read back means the cache cannot be trusted
+        return False
+
+
 def cached_build(path: Path, build) -> dict:
-    """Build a cache folder once: rank 0 calls build(tmp_dir) -> metadata, in a temporary folder that is renamed
-    into place with a completion marker written last; the other ranks wait and read. A folder without the marker
-    (a killed build) is rebuilt. Returns the metadata."""
+    """Build a cache folder once: rank 0 calls build(tmp_dir) -> metadata (row counts per split), in a temporary
+    folder that is renamed into place with a completion marker written last; the other ranks wait and read. A
+    folder without the marker (a killed build), or whose data no longer reads back with the recorded row counts,
+    is rebuilt. Returns the metadata."""
     path = Path(path)
     with distributed.rank0_first() as builder:
+        if builder and (path / COMPLETE_MARKER).exists() and not _is_intact(path):
+            logger.warning("cache %s is damaged (unreadable or wrong row count); rebuilding it", path)
+            shutil.rmtree(path)
         if builder and not (path / COMPLETE_MARKER).exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

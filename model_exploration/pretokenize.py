@@ -55,7 +55,7 @@ def pretokenize_source(source: data.SourceData, tokenizer, max_length: int) -> t
             desc=f"tokenize {source.spec.name}",
         )
         DatasetDict({"train": tokens}).save_to_disk(str(tmp / "data"))
-        return {"rows": len(tokens)}
+        return {"train": len(tokens)}
 
     data.cached_build(path, build)
     return load_from_disk(str(path / "data"))["train"], source.validation

@@ -99,9 +99,17 @@ def _parse_source(raw: dict[str, Any], registry: str) -> SourceSpec:
 
 
 def load_registry(stage: str) -> tuple[list[SourceSpec], dict[str, Any]]:
-    """All sources of a registry (enabled or not) and its extra sections."""
-    path = MIXTURES_DIR / ("sample.yaml" if stage == "sample" else f"stage{stage}.yaml")
-    raw = yaml.safe_load(path.read_text())
+    """All sources of a built-in registry (enabled or not) and its extra sections."""
+    return _read_registry(MIXTURES_DIR / ("sample.yaml" if stage == "sample" else f"stage{stage}.yaml"))
+
+
+def _read_registry(path: Path) -> tuple[list[SourceSpec], dict[str, Any]]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise UserError(f"mixture {path}: cannot read it ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("sources"), list) or not raw["sources"]:
+        raise UserError(f"mixture {path}: expected a YAML mapping with a non-empty `sources:` list")
     specs = [_parse_source(s, path.name) for s in raw["sources"]]
     names = [s.name for s in specs]
     if len(names) != len(set(names)):
@@ -153,6 +161,22 @@ def build_dataset_configs_s2(
         adjusted.append(spec)
     selected = _select(adjusted + [replay], enable, disable)
     return [s for s in selected if s.weight > 0]
+
+
+def build_dataset_configs_file(
+    path: str | Path, enable: list[str] | None = None, disable: list[str] | None = None
+) -> list[SourceSpec]:
+    """A user's own mixture file (same format as mixtures/*.yaml); relative `data_files` of local sources are
+    relative to the file's folder."""
+    path = Path(path).resolve()
+    specs, _ = _read_registry(path)
+    specs = [
+        dataclasses.replace(s, data_files=str(path.parent / s.data_files))
+        if s.loader != "hub" and not Path(s.data_files).is_absolute()
+        else s
+        for s in specs
+    ]
+    return _select(specs, enable, disable)
 
 
 def build_dataset_configs_sample(enable: list[str] | None = None, disable: list[str] | None = None) -> list[SourceSpec]:

@@ -38,6 +38,7 @@ from data import cache_path_for
 from errors import UserError, exit_status
 from training import MixtureTrainer, PreemptionCallback, bf16_supported
 from utils import (
+    build_dataset_configs_file,
     build_dataset_configs_s1,
     build_dataset_configs_s2,
     build_dataset_configs_sample,
@@ -49,6 +50,8 @@ logger = logging.getLogger("st_trainer")
 
 
 def mixture_specs(args):
+    if args.mixture:
+        return build_dataset_configs_file(args.mixture, args.enable_sources, args.disable_sources)
     if args.stage == "1":
         return build_dataset_configs_s1(args.enable_sources, args.disable_sources)
     if args.stage == "2":
@@ -60,7 +63,7 @@ def mixture_specs(args):
 
 def print_plan(specs, args, cache_dir: Path) -> None:
     total_weight = sum(s.weight for s in specs)
-    print(f"stage {args.stage}: {len(specs)} sources; a batch comes from source i with p ~ weight_i x size_i "
+    print(f"{args.mixture or 'stage ' + args.stage}: {len(specs)} sources; a batch comes from source i with p ~ weight_i x size_i "
           f"(sizes are known once loaded; weight share shown)")  # fmt: skip
     print(f"{'source':48} {'weight':>8} {'w-share':>8}  columns / location / cache")
     for s in specs:

@@ -1,6 +1,6 @@
 """The workflow's public helpers, under the names users of the original scripts know.
 
-build_dataset_configs_s1 / build_dataset_configs_s2 / build_dataset_configs_sample  -> list[SourceSpec]
+build_dataset_configs_s1 / _s2 / _sample / _file(path)                          -> list[SourceSpec]
 load_and_cache_datasets(specs, cache_dir, nrows, seed, max_eval, n_data_src)      -> list[SourceData]
 prepare_evaluators(sources, benchmarks, batch_size, max_seq_length, precisions)    -> evaluator | None
 """
@@ -14,12 +14,14 @@ from sentence_transformers.base.evaluation.sequential import SequentialEvaluator
 from data import SourceData, load_and_cache_datasets
 from evaluation import Benchmark, RetrievalEvaluator, validation_benchmark
 from sources import (
+    build_dataset_configs_file,
     build_dataset_configs_s1,
     build_dataset_configs_s2,
     build_dataset_configs_sample,
 )
 
 __all__ = [
+    "build_dataset_configs_file",
     "build_dataset_configs_s1",
     "build_dataset_configs_s2",
     "build_dataset_configs_sample",

@@ -122,3 +122,14 @@ def test_a_concurrent_run_that_published_first_is_kept(tmp_path):
     (second / data.COMPLETE_MARKER).write_text('{"who": "second"}')
     data._publish(second, target)  # loses the race: the published cache stays as it was
     assert json.loads((target / data.COMPLETE_MARKER).read_text()) == {"who": "first"}
+
+
+def test_a_damaged_cache_is_detected_and_rebuilt(tmp_path):
+    rows = [{"q": f"query {i}", "p": f"passage {i}"} for i in range(30)]
+    spec = _spec(_jsonl(tmp_path / "s.jsonl", rows), anchor="q", positive="p")
+    first = data.load_source(spec, tmp_path / "cache", nrows=None, seed=1, max_eval=2)
+    expected = list(first.train["anchor"])
+    for arrow in (first.cache_path / "data").rglob("*.arrow"):
+        arrow.write_bytes(arrow.read_bytes()[:100])  # truncated by a full disk or a killed copy
+    again = data.load_source(spec, tmp_path / "cache", nrows=None, seed=1, max_eval=2)
+    assert list(again.train["anchor"]) == expected

@@ -74,3 +74,55 @@ def test_two_nodes_rendezvous_on_loopback(tiny_model, tmp_path):
     state = json.loads((tmp_path / "nodes" / "checkpoint-5" / "trainer_state.json").read_text())
     # 3 sources x 64 pairs at batch 8 = 24 batches per epoch: 12 per node if they split it (alone: 5/24)
     assert state["epoch"] == pytest.approx(5 / 12, abs=1e-3)
+
+
+def _write_mixture(tmp_path, sources):
+    lines = ["sources:"]
+    for name, rows, weight in sources:
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" if isinstance(r, dict) else r + "\n" for r in rows))
+        lines.append(f"  - {{name: {name}, loader: jsonl, data_files: {path.name}, anchor: q, positive: p, weight: {weight}}}")
+    mixture = tmp_path / "mixture.yaml"
+    mixture.write_text("\n".join(lines) + "\n")
+    return mixture
+
+
+def _torchrun(tiny_model, tmp_path, mixture, *extra):
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ENTRY),
+           "--mixture", str(mixture), "--model_name", str(tiny_model), "--output_base", str(tmp_path / "runs"),
+           "--batch_size", "8", "--gradient_accumulation_steps", "1", "--wb_mode", "disabled",
+           "--max_datapoints_per_src_for_eval", "0", "--eval_benchmarks", "--run_name", "r", *extra]  # fmt: skip
+    return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
+
+
+def test_two_ranks_finish_an_epoch_of_duplicate_heavy_oversampled_data(tiny_model, tmp_path):
+    duplicates = [{"q": f"question {i % 10}", "p": f"answer {i}"} for i in range(60)]  # 10 distinct anchors
+    plain = [{"q": f"query {i}", "p": f"passage {i}"} for i in range(40)]
+    mixture = _write_mixture(tmp_path, [("dups", duplicates, 3), ("plain", plain, 1)])
+    result = _torchrun(tiny_model, tmp_path, mixture, "--num_train_epochs", "1", "--eval_and_save_steps", "1000")
+    assert result.returncode == 0, result.stderr[-3000:]
+    # round((3 x 60 + 40) / 8) = 28 batches, 14 per rank, whatever the duplicates: the epoch ends on every rank
+    state = json.loads(next((tmp_path / "runs" / "r").glob("checkpoint-*/trainer_state.json")).read_text())
+    assert state["global_step"] == 14 and state["epoch"] == pytest.approx(1.0)
+
+
+def test_an_error_on_one_rank_ends_every_rank_quickly(tiny_model, tmp_path):
+    mixture = _write_mixture(tmp_path, [("broken", ['{"q": "a", "p": "b"}', '{"q": "unterminated'], 1)])
+    start = time.time()
+    result = _torchrun(tiny_model, tmp_path, mixture, "--max_steps", "5")
+    assert result.returncode != 0 and time.time() - start < 120
+    assert "malformed JSON at" in result.stderr and "broken.jsonl:2" in result.stderr
+
+
+def test_resume_from_a_run_folder_skips_an_unfinished_checkpoint(tmp_path):
+    import argparse
+
+    import st_trainer_ddp_hf
+
+    run = tmp_path / "run"
+    (run / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    (run / "checkpoint-4").mkdir()  # killed while writing: no trainer_state.json (HF writes it last)
+    (run / "checkpoint-4" / "model.safetensors").write_bytes(b"partial")
+    output_dir, checkpoint = st_trainer_ddp_hf.resolve_output_dir(argparse.Namespace(resume_checkpoint_path=str(run)))
+    assert output_dir == run and checkpoint == str(run / "checkpoint-2")
