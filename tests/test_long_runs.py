@@ -17,8 +17,14 @@ def _base(tiny_model, out, *extra):
             "--nrows", "48", "--max_datapoints_per_src_for_eval", "0", "--eval_benchmarks", *extra]  # fmt: skip
 
 
-def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(tiny_model, tmp_path):
-    cmd = _base(tiny_model, tmp_path, "--max_steps", "400", "--eval_and_save_steps", "1000", "--run_name", "pre")
+def _losses_and_lrs(checkpoint):
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return {h["step"]: (h["loss"], h["learning_rate"]) for h in state["log_history"] if "loss" in h}
+
+
+def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted_one(tiny_model, tmp_path):
+    steps = "30"
+    cmd = _base(tiny_model, tmp_path, "--max_steps", steps, "--eval_and_save_steps", "1000", "--run_name", "pre")
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(), cwd=REPO
     )
@@ -28,22 +34,31 @@ def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(tiny_model, tmp_pa
         output.append(line)
         if "'loss'" in line or time.time() > deadline:
             break
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # what SLURM sends before it kills a job
     rest, _ = proc.communicate(timeout=120)
     log = "".join(output) + rest
     assert proc.returncode == 0, log[-3000:]
     checkpoints = sorted((tmp_path / "pre").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    assert checkpoints and (checkpoints[-1] / "trainer_state.json").exists(), log[-3000:]
-    step = int(checkpoints[-1].name.split("-")[1])
-    assert 0 < step < 400 and "SIGTERM: saved checkpoint" in log
+    assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").exists(), log[-3000:]
+    stopped = int(checkpoints[0].name.split("-")[1])
+    assert 0 < stopped < int(steps) and "SIGTERM: saved checkpoint" in log
     assert not (tmp_path / "pre" / "final").exists()
+
     resumed = subprocess.run(
-        _base(tiny_model, tmp_path, "--max_steps", str(step + 2), "--resume_checkpoint_path", str(tmp_path / "pre")),
+        _base(tiny_model, tmp_path, "--max_steps", steps, "--resume_checkpoint_path", str(tmp_path / "pre")),
         capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=300,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    state = json.loads((tmp_path / "pre" / f"checkpoint-{step + 2}" / "trainer_state.json").read_text())
-    assert state["global_step"] == step + 2
+    uninterrupted = subprocess.run(
+        _base(tiny_model, tmp_path, "--max_steps", steps, "--eval_and_save_steps", "1000", "--run_name", "full"),
+        capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=300,
+    )  # fmt: skip
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
+    after = _losses_and_lrs(tmp_path / "pre" / f"checkpoint-{steps}")
+    reference = _losses_and_lrs(tmp_path / "full" / f"checkpoint-{steps}")
+    for step in range(stopped + 1, int(steps) + 1):
+        assert after[step][1] == pytest.approx(reference[step][1], rel=1e-6), step  # same LR
+        assert after[step][0] == pytest.approx(reference[step][0], abs=1e-4), step  # same batches and weights
 
 
 def _free_port() -> int:
@@ -81,7 +96,9 @@ def _write_mixture(tmp_path, sources):
     for name, rows, weight in sources:
         path = tmp_path / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" if isinstance(r, dict) else r + "\n" for r in rows))
-        lines.append(f"  - {{name: {name}, loader: jsonl, data_files: {path.name}, anchor: q, positive: p, weight: {weight}}}")
+        lines.append(
+            f"  - {{name: {name}, loader: jsonl, data_files: {path.name}, anchor: q, positive: p, weight: {weight}}}"
+        )
     mixture = tmp_path / "mixture.yaml"
     mixture.write_text("\n".join(lines) + "\n")
     return mixture
