@@ -12,6 +12,7 @@ and marked complete last; other ranks wait at a barrier and read it. A folder wi
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import hashlib
 import html
 import json
@@ -51,9 +52,12 @@ class SourceData:
 # ---------------------------------------------------------------- reading raw rows
 
 
-def _read_jsonl(path: Path, source: str, nrows: int | None) -> list[dict[str, Any]]:
+def read_jsonl(path: Path, context: str, nrows: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a JSON-lines file (plain or .gz), the first `nrows` if given; a malformed line is a UserError
+    naming `context` (the source or benchmark), the file and the line number."""
+    path = Path(path)
     rows = []
-    with path.open(encoding="utf-8") as f:
+    with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if nrows is not None and len(rows) >= nrows:
                 break
@@ -63,7 +67,7 @@ def _read_jsonl(path: Path, source: str, nrows: int | None) -> list[dict[str, An
                 rows.append(json.loads(line))
             except json.JSONDecodeError as exc:
                 raise UserError(
-                    f"source {source!r}: malformed JSON at {path}:{lineno} ({exc.msg}); fix or remove that line"
+                    f"{context}: malformed JSON at {path}:{lineno} ({exc.msg}); fix or remove that line"
                 ) from None
     return rows
 
@@ -95,7 +99,7 @@ def _load_raw(spec: SourceSpec, nrows: int | None) -> Dataset | list[dict[str, A
         if spec.loader == "arxiv_kaggle":
             raise UserError(f"source {spec.name!r}: arXiv snapshot not found at {path}; download it with: {ARXIV_HINT}")
         raise UserError(f"source {spec.name!r}: file not found: {path}")
-    rows = _read_jsonl(path, spec.name, nrows)
+    rows = read_jsonl(path, f"source {spec.name!r}", nrows)
     if not rows:
         raise UserError(f"source {spec.name!r}: {path} has no rows")
     return rows

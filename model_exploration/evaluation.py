@@ -10,7 +10,6 @@ checks agreement with it to 1e-4.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import json
 import logging
@@ -24,6 +23,7 @@ import torch
 from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
 from sentence_transformers.util import quantize_embeddings
 
+from data import read_jsonl
 from errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -71,22 +71,6 @@ class Benchmark:
         for doc_id, text in zip(self.corpus_ids, self.corpus_texts):
             h.update(doc_id.encode() + b"\0" + text.encode() + b"\1")
         return h.hexdigest()[:16]
-
-
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from None
-    return rows
 
 
 def _find(folder: Path, stem: str) -> Path | None:
@@ -155,12 +139,12 @@ def load_beir_folder(
     docs = sorted(
         (
             (str(d["_id"]), (str(d.get("title") or "") + " " + str(d.get("text") or "")).strip())
-            for d in _read_jsonl(corpus_path)
+            for d in read_jsonl(corpus_path, name)
         ),
     )  # sorted by id: position order == id order, which is the tie-break order
     corpus_ids = [d[0] for d in docs]
     id_set = set(corpus_ids)
-    queries = {str(q["_id"]): str(q["text"]) for q in _read_jsonl(queries_path)}
+    queries = {str(q["_id"]): str(q["text"]) for q in read_jsonl(queries_path, name)}
     query_sets = [
         build_query_set(name if len(qrels_paths) == 1 else f"{name}/{p.stem}", queries, read_qrels(p), id_set)
         for p in qrels_paths
