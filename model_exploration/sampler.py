@@ -91,10 +91,7 @@ class WeightedSourceBatchSampler(MultiDatasetDefaultBatchSampler):
                 produced += 1
                 yield batch
             if produced == 0:
-                raise UserError(
-                    f"source {self.names[index]!r}: cannot form a batch of {sampler.batch_size} distinct texts; "
-                    "lower --batch_size or drop the source"
-                )
+                raise UserError(f"source {self.names[index]!r} has no training rows; drop it from the mixture")
             wrap += 1
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -109,11 +106,12 @@ class WeightedSourceBatchSampler(MultiDatasetDefaultBatchSampler):
 
 
 def make_source_batch_sampler(dataset, batch_size: int) -> NoDuplicatesBatchSampler:
-    """NO_DUPLICATES batches for one source. A source smaller than the batch forms smaller batches."""
+    """NO_DUPLICATES batches for one source. A pass ends with the rows that could not fill a batch without
+    repeating a text (drop_last=False): a small or duplicate-heavy source forms smaller batches instead of none."""
     return NoDuplicatesBatchSampler(
         dataset,
         batch_size=min(batch_size, len(dataset)),
-        drop_last=True,
+        drop_last=False,
         generator=torch.Generator(),
         seed=0,
     )
