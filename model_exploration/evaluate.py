@@ -126,6 +126,7 @@ def run(argv: list[str] | None = None) -> dict:
         rescore = args.rescore_multiplier if precisions[model_name] == "ubinary" else 0
         return f"{precisions[model_name]}|rescore={rescore}|max_len={args.max_seq_length}"
 
+    args.benchmarks = list(dict.fromkeys(evaluation.canonical_spec(b) for b in args.benchmarks))
     loaded: dict[str, list] = {}
     for model_name in args.models:
         todo = [b for b in args.benchmarks if done.get(model_name, {}).get(b) != signature(model_name)]

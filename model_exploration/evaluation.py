@@ -183,6 +183,17 @@ def _load_nanobeir_dataset(dataset: str) -> Benchmark:
     return Benchmark(f"nanobeir/{dataset}", corpus_ids, [d[1] for d in docs], [qs], group="nanobeir")
 
 
+def canonical_spec(spec: str) -> str:
+    """One spelling per benchmark: `beir:` paths made absolute (bundled data may be named relative to the repo,
+    from any working directory)."""
+    if not spec.startswith("beir:"):
+        return spec
+    path = Path(spec[len("beir:") :]).expanduser()
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        path = REPO_ROOT / path
+    return f"beir:{path.resolve()}"
+
+
 def load_benchmarks(spec: str) -> list[Benchmark]:
     """Benchmarks for one --benchmarks entry: nanobeir, nasa_smd, nasa_sde or beir:PATH."""
     if spec == "nanobeir":
@@ -193,9 +204,7 @@ def load_benchmarks(spec: str) -> list[Benchmark]:
         folder = _hub_snapshot(NASA_SDE_REPO, spec)
         return [load_beir_folder(folder, name="nasa_sde", qrels_files=NASA_SDE_QRELS, mean_name="nasa_sde")]
     if spec.startswith("beir:"):
-        path = Path(spec[len("beir:") :]).expanduser()
-        if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
-            path = REPO_ROOT / path  # bundled data named relative to the repo, from any working directory
+        path = Path(canonical_spec(spec)[len("beir:") :])
         return [load_beir_folder(path, name=f"beir:{path.name}")]
     raise UserError(f"--benchmarks: unknown benchmark {spec!r}; use nanobeir, nasa_smd, nasa_sde or beir:PATH")
 
