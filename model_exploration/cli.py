@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 DEFAULT_MODEL = "nasa-impact/indus-sde-st-v0.1"
+DEFAULT_MAX_LEN = 1024
 
 
 def offline_minilm_path() -> str | None:
@@ -108,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--model_max_len",
         type=_positive_int,
-        default=1024,
-        help="max tokens per text (capped at the model's position limit); batches pad to their longest",
+        default=None,
+        help="max tokens per text in training, capped at the model's position limit; batches pad to their longest "
+        "(default: 1024; for --stage sample the model's own max_seq_length, which keeps two CPU ranks in 24 GB)",
     )
     g.add_argument("--output_base", default="tmp_models", help="runs are written to <output_base>/<run name>")
     g.add_argument("--run_name", default=None, help="run folder name (default: model-stage-timestamp)")

@@ -110,12 +110,11 @@ def load_model(args) -> tuple[SentenceTransformer, int]:
                 "pass a SentenceTransformer folder or a reachable hub id"
             ) from None
     native_max_len = model.max_seq_length
-    limit = getattr(model[0].auto_model.config, "max_position_embeddings", args.model_max_len)
-    model.max_seq_length = min(args.model_max_len, limit)
-    if args.model_max_len > limit:
-        logger.warning(
-            "--model_max_len %d exceeds the model's %d positions; using %d", args.model_max_len, limit, limit
-        )
+    wanted = args.model_max_len or (native_max_len if args.stage == "sample" else cli.DEFAULT_MAX_LEN)
+    limit = getattr(model[0].auto_model.config, "max_position_embeddings", wanted)
+    model.max_seq_length = min(wanted, limit)
+    if wanted > limit:
+        logger.warning("--model_max_len %d exceeds the model's %d positions; using %d", wanted, limit, limit)
     return model, native_max_len
 
 
