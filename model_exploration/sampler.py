@@ -58,8 +58,12 @@ class WeightedSourceBatchSampler(MultiDatasetDefaultBatchSampler):
         self.world_size = world_size
         sizes = [len(d) for d in dataset.datasets]
         self.shares = [w * n for w, n in zip(weights, sizes)]
-        batch_size = batch_samplers[0].batch_size
-        raw_batches = round(sum(self.shares) / batch_size)
+        raw_batches = round(sum(self.shares) / max(s.batch_size for s in batch_samplers))
+        # Batches vary in size (small or duplicate-heavy sources form smaller ones). batch_size=None tells
+        # accelerate's per-rank sharding so; with a batch size it would drop every batch shorter than it, and
+        # ranks would run out of batches early. The count is exact, so nothing is "last" to drop or pad.
+        self.batch_size = None
+        self.drop_last = True
         self.num_batches = max(world_size, raw_batches - raw_batches % world_size)
         self.batches_per_source = apportion(self.num_batches, self.shares)
 
