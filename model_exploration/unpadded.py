@@ -1,0 +1,159 @@
+"""Unpadded (packed) forward for BERT-family encoders: no FLOPs spent on padding tokens.
+
+Why our own: sentence-transformers unpads only through flash-attention 2 (the `flash_attn` package or the `kernels`
+hub download), which CPU runs and offline GPU nodes lack, and the stock BERT forward computes every padding
+position of every layer: with a realistic length mix (queries ~20 tokens, passages lognormal up to 512) that is
+most of the work.
+
+`enable_unpadded(model)` replaces the forward of each BERT model inside a SentenceTransformer by one that packs
+the real tokens of the batch into one [tokens, hidden] matrix (dense layers, LayerNorms and the FFN run on real
+tokens only), runs attention per sequence, and scatters the last hidden state back to [batch, length, hidden] for
+the usual pooling modules. The weights are the HF model's own parameters, so training updates them in place and
+the model saves and loads as a normal SentenceTransformer. Attention, chosen by measurement:
+- CUDA with bf16/fp16 inputs: `torch.nn.attention.varlen.varlen_attn` (flash attention over cu_seqlens);
+- anywhere else (CPU, fp32): scaled_dot_product_attention on sequences bucketed by length and padded only to the
+  longest of their bucket, which costs a few percent over exact varlen on this length mix (measured in
+  benchmarks/train_throughput.py), where padding the whole batch to its longest costs 2-3x.
+Semantic difference from the stock forward, on purpose: no dropout on attention probabilities (varlen_attn has no
+dropout); hidden-state dropout is unchanged. Embeddings equal the stock model's within float tolerance (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutput
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_MODEL_TYPES = ("bert",)
+_varlen_ok: dict[str, bool] = {}
+
+
+def _varlen_attention(q, k, v, cu_seqlens, max_len: int):
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
+
+
+def length_buckets(lengths: list[int], waste: float = 0.125) -> list[list[int]]:
+    """Indices of sequences grouped (longest first) so that padding each group to its longest wastes at most
+    `waste` of its attention work (sum of len^2): few SDPA calls, little padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    buckets: list[list[int]] = []
+    for i in order:
+        if buckets:
+            bucket = buckets[-1]
+            longest = lengths[bucket[0]]
+            real = sum(lengths[j] ** 2 for j in bucket) + lengths[i] ** 2
+            if (len(bucket) + 1) * longest**2 <= (1 + waste) * real:
+                bucket.append(i)
+                continue
+        buckets.append([i])
+    return buckets
+
+
+def _bucketed_attention(q, k, v, lengths: list[int], starts: list[int]):
+    """Attention of packed q/k/v [tokens, heads, dim], one SDPA call per bucket of similar lengths."""
+    out = torch.empty_like(q)
+    for bucket in length_buckets(lengths):
+        longest = lengths[bucket[0]]
+        if len(bucket) == 1 or all(lengths[i] == longest for i in bucket):
+            index = torch.cat([torch.arange(starts[i], starts[i] + longest) for i in bucket]).to(q.device)
+            shape = (len(bucket), longest, q.shape[1], q.shape[2])
+            qb, kb, vb = (t[index].view(shape).transpose(1, 2) for t in (q, k, v))
+            ob = F.scaled_dot_product_attention(qb, kb, vb)
+            out[index] = ob.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])
+            continue
+        mask = torch.zeros(len(bucket), longest, dtype=torch.bool)
+        src = []
+        for row, i in enumerate(bucket):
+            mask[row, : lengths[i]] = True
+            src.append(torch.arange(starts[i], starts[i] + lengths[i]))
+        mask = mask.to(q.device)
+        index = torch.cat(src).to(q.device)
+        slots = mask.flatten().nonzero().squeeze(1)
+        padded = []
+        for t in (q, k, v):
+            buf = t.new_zeros(len(bucket) * longest, t.shape[1], t.shape[2]).index_copy(0, slots, t[index])
+            padded.append(buf.view(len(bucket), longest, t.shape[1], t.shape[2]).transpose(1, 2))
+        ob = F.scaled_dot_product_attention(*padded, attn_mask=mask[:, None, None, :])
+        out[index] = ob.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])[slots]
+    return out
+
+
+def packed_attention(q, k, v, lengths: list[int], cu_seqlens: torch.Tensor):
+    """softmax(q k^T / sqrt(d)) v within each sequence of packed [tokens, heads, dim] tensors."""
+    device = q.device.type
+    if device == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and _varlen_ok.get(device, True):
+        try:
+            return _varlen_attention(q, k, v, cu_seqlens, max(lengths))
+        except (RuntimeError, NotImplementedError, ImportError) as exc:  # kernel missing for this GPU/build
+            _varlen_ok[device] = False
+            logger.warning("varlen_attn unavailable (%s); using bucketed SDPA", type(exc).__name__)
+    starts = cu_seqlens[:-1].tolist()
+    return _bucketed_attention(q, k, v, lengths, starts)
+
+
+def _layer_forward(layer, x, lengths, cu_seqlens, heads: int):
+    attn = layer.attention.self
+    tokens, hidden = x.shape
+    weight = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])
+    bias = torch.cat([attn.query.bias, attn.key.bias, attn.value.bias])
+    qkv = F.linear(x, weight, bias).view(tokens, 3, heads, hidden // heads)
+    context = packed_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], lengths, cu_seqlens).reshape(tokens, hidden)
+    out = layer.attention.output
+    x = out.LayerNorm(out.dropout(out.dense(context)) + x)
+    h = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
+    out = layer.output
+    return out.LayerNorm(out.dropout(out.dense(h)) + x)
+
+
+def unpadded_bert_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
+    """BertModel.forward on real tokens only; returns last_hidden_state as [batch, length, hidden] (zeros at pads)."""
+    if input_ids is None or kwargs.get("inputs_embeds") is not None or kwargs.get("output_hidden_states"):
+        return self._stock_forward(input_ids=input_ids, attention_mask=attention_mask,
+                                   token_type_ids=token_type_ids, **kwargs)  # fmt: skip
+    batch, length = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    mask = attention_mask.bool()
+    slots = mask.flatten().nonzero().squeeze(1)  # positions of real tokens in the [batch * length] grid
+    seq_lengths = mask.sum(1)
+    cu_seqlens = F.pad(seq_lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    positions = (mask.long().cumsum(1) - 1).flatten()[slots]
+
+    emb = self.embeddings
+    x = emb.word_embeddings(input_ids.flatten()[slots]) + emb.position_embeddings(positions)
+    types_ = token_type_ids.flatten()[slots] if token_type_ids is not None else torch.zeros_like(positions)
+    x = emb.dropout(emb.LayerNorm(x + emb.token_type_embeddings(types_)))
+
+    lengths = seq_lengths.tolist()
+    heads = self.config.num_attention_heads
+    for layer in self.encoder.layer:
+        x = _layer_forward(layer, x, lengths, cu_seqlens, heads)
+    hidden = x.new_zeros(batch * length, x.shape[-1]).index_copy(0, slots, x)
+    return BaseModelOutput(last_hidden_state=hidden.view(batch, length, -1))
+
+
+def enable_unpadded(model) -> int:
+    """Switch every BERT transformer module of a SentenceTransformer to the unpadded forward. Returns how many
+    were switched (0: architecture not supported, the stock forward stays, with a log line saying so)."""
+    switched = 0
+    for module in model.modules():
+        inner = getattr(module, "auto_model", None)
+        if inner is None or inner.__dict__.get("_stock_forward") is not None:
+            continue
+        config = getattr(inner, "config", None)
+        model_type = getattr(config, "model_type", None)
+        absolute = getattr(config, "position_embedding_type", "absolute") == "absolute"
+        if model_type not in SUPPORTED_MODEL_TYPES or config.is_decoder or not absolute:
+            logger.info("unpadded forward: %s is not supported; using the stock (padded) forward", model_type)
+            continue
+        inner._stock_forward = inner.forward
+        inner.forward = types.MethodType(unpadded_bert_forward, inner)
+        switched += 1
+    return switched
