@@ -1,4 +1,6 @@
-"""Our SentenceTransformerTrainer: the weighted multi-source sampler, the custom LR schedule and throughput logs.
+"""Our SentenceTransformerTrainer: the weighted multi-source sampler, the custom LR schedule and throughput logs
+(pairs/s, real tokens/s, padding share of the batch tensors, model TFLOP/s per device and MFU against the
+device's measured matmul peak; counters stay on the device between logs, so logging adds no per-step sync).
 
 Everything else (DDP, bf16 autocast over fp32 master weights, checkpointing, resume with data skipping, W&B
 logging on rank 0) is the stock HF/sentence-transformers trainer.
@@ -15,19 +17,28 @@ from sentence_transformers import SentenceTransformerTrainer
 from transformers import TrainerCallback
 
 import distributed
+import throughput
 from lr_schedule import custom_lr_scheduler
 from sampler import WeightedSourceBatchSampler, make_source_batch_sampler
 
 
 class MixtureTrainer(SentenceTransformerTrainer):
-    def __init__(self, *args, source_weights: dict[str, float], lr_schedule: dict | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        source_weights: dict[str, float],
+        lr_schedule: dict | None = None,
+        same_source_global_batch: bool = False,
+        **kwargs,
+    ):
         self.source_weights = source_weights
+        self.same_source_global_batch = same_source_global_batch
         self.custom_lr = lr_schedule
-        self._pairs = 0
-        self._real_tokens = 0
-        self._padded_tokens = 0
+        self.token_counter = TokenCounter()
         self._since = time.perf_counter()
         super().__init__(*args, **kwargs)
+        self.flops = throughput.EncoderFlops.of(self.model)
+        self.peak_flops = throughput.matmul_peak_flops(self.args.device)
 
     # -- data: one NO_DUPLICATES sampler per source, mixed by weight x size
     def get_batch_sampler(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
@@ -42,6 +53,7 @@ class MixtureTrainer(SentenceTransformerTrainer):
             names=names,
             world_size=distributed.world_size(),
             seed=seed,
+            same_source_global_batch=self.same_source_global_batch,
         )
 
     # -- schedule
@@ -62,23 +74,47 @@ class MixtureTrainer(SentenceTransformerTrainer):
     # -- throughput: pairs and tokens this rank processed since the last log
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training:
-            masks = [v for k, v in inputs.items() if k.endswith("_attention_mask")]
-            if masks:
-                self._pairs += masks[0].shape[0]
-                self._real_tokens += int(sum(m.sum() for m in masks))
-                self._padded_tokens += sum(m.numel() for m in masks)
+            self.token_counter.add(inputs)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._pairs:
+        if "loss" in logs and self.token_counter.counts is not None:
             elapsed = max(1e-9, time.perf_counter() - self._since)
-            world = distributed.world_size()
-            logs["pairs_per_s"] = round(self._pairs * world / elapsed, 2)
-            logs["tokens_per_s"] = round(self._real_tokens * world / elapsed, 1)
-            logs["padding_share"] = round(1 - self._real_tokens / max(1, self._padded_tokens), 4)
-            self._pairs = self._real_tokens = self._padded_tokens = 0
+            pairs, real, sum_sq, padded = self.token_counter.read()
+            world = distributed.world_size()  # rates are this rank's x world size (ranks run the same steps)
+            flops_per_s = self.flops.train(real, sum_sq) / elapsed
+            logs["pairs_per_s"] = round(pairs * world / elapsed, 2)
+            logs["tokens_per_s"] = round(real * world / elapsed, 1)
+            logs["padding_share"] = round(1 - real / max(1, padded), 4)
+            logs["model_tflops_per_device"] = round(flops_per_s / 1e12, 3)
+            logs["mfu"] = round(flops_per_s / self.peak_flops, 4)
             self._since = time.perf_counter()
         super().log(logs, start_time)
+
+
+class TokenCounter:
+    """Pairs, real tokens, sum of squared lengths (attention work) and padded positions of the batches seen, kept
+    as one tensor on the batch's device: adding is asynchronous, only read() synchronizes."""
+
+    def __init__(self):
+        self.counts: torch.Tensor | None = None
+
+    def add(self, inputs: dict) -> None:
+        masks = [v for k, v in inputs.items() if k.endswith("_attention_mask")]
+        if not masks:
+            return
+        lengths = torch.cat([m.sum(1) for m in masks]).double()
+        padded = sum(m.numel() for m in masks)
+        step = torch.stack(
+            [lengths.new_tensor(masks[0].shape[0]), lengths.sum(), lengths.square().sum(), lengths.new_tensor(padded)]
+        )
+        self.counts = step if self.counts is None else self.counts + step
+
+    def read(self) -> tuple[float, float, float, float]:
+        """The totals since the last read (synchronizes with the device), and start over."""
+        values = tuple(self.counts.tolist()) if self.counts is not None else (0.0, 0.0, 0.0, 0.0)
+        self.counts = None
+        return values
 
 
 class PreemptionCallback(TrainerCallback):
