@@ -8,7 +8,10 @@ and RoundRobin stops at the smallest source. Here:
 - within a source, batches come from ST's NoDuplicatesBatchSampler (no text twice in a batch, so no false
   in-batch negatives); an over-sampled source is reshuffled with a fresh seed each time it wraps;
 - the epoch length is a multiple of the world size and identical on every rank, so accelerate's per-rank
-  sharding (rank r takes batches r, r+W, ...) gives every rank the same number of batches: no DDP hang.
+  sharding (rank r takes batches r, r+W, ...) gives every rank the same number of batches: no DDP hang;
+- with same_source_global_batch, the W batches of one micro-step (one per rank) come from the same source, so
+  negatives gathered across ranks (--gather_across_devices) are same-source too (as FlagEmbedding and contrastors
+  do): the source is drawn once per global batch, and its next W batches are dealt to the ranks.
 The sequence is a pure function of (seed, epoch), which is what makes resume (skip the first N batches) exact.
 """
 
@@ -49,6 +52,7 @@ class WeightedSourceBatchSampler(MultiDatasetDefaultBatchSampler):
         world_size: int = 1,
         generator: torch.Generator | None = None,
         seed: int = 0,
+        same_source_global_batch: bool = False,
     ) -> None:
         super().__init__(dataset, batch_samplers, generator=generator, seed=seed)
         if len(weights) != len(batch_samplers):
@@ -65,7 +69,9 @@ class WeightedSourceBatchSampler(MultiDatasetDefaultBatchSampler):
         self.batch_size = None
         self.drop_last = True
         self.num_batches = max(world_size, raw_batches - raw_batches % world_size)
-        self.batches_per_source = apportion(self.num_batches, self.shares)
+        self.group = world_size if same_source_global_batch else 1  # consecutive batches drawn from one source
+        self.groups_per_source = apportion(self.num_batches // self.group, self.shares)
+        self.batches_per_source = [count * self.group for count in self.groups_per_source]
 
     def __len__(self) -> int:
         return self.num_batches
@@ -101,12 +107,13 @@ class WeightedSourceBatchSampler(MultiDatasetDefaultBatchSampler):
     def __iter__(self) -> Iterator[list[int]]:
         epoch_seed = self.seed + self.epoch
         generator = torch.Generator().manual_seed(epoch_seed)
-        order = torch.tensor([i for i, c in enumerate(self.batches_per_source) for _ in range(c)], dtype=torch.long)
+        order = torch.tensor([i for i, c in enumerate(self.groups_per_source) for _ in range(c)], dtype=torch.long)
         order = order[torch.randperm(len(order), generator=generator)].tolist()
         offsets = [0] + list(accumulate(len(d) for d in self.dataset.datasets))
         streams = [self._source_batches(i, epoch_seed) for i in range(len(self.batch_samplers))]
         for index in order:
-            yield [i + offsets[index] for i in next(streams[index])]
+            for _ in range(self.group):
+                yield [i + offsets[index] for i in next(streams[index])]
 
 
 def make_source_batch_sampler(dataset, batch_size: int) -> NoDuplicatesBatchSampler:

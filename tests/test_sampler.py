@@ -14,11 +14,12 @@ def _sources(sizes, duplicates_every=0):
     return out
 
 
-def _sampler(datasets, weights, batch_size=8, world_size=1, seed=0):
+def _sampler(datasets, weights, batch_size=8, world_size=1, seed=0, same_source_global_batch=False):
     samplers = [make_source_batch_sampler(d, batch_size) for d in datasets]
     return WeightedSourceBatchSampler(
-        ConcatDataset(datasets), samplers, weights, [f"s{i}" for i in range(len(datasets))], world_size, seed=seed
-    )
+        ConcatDataset(datasets), samplers, weights, [f"s{i}" for i in range(len(datasets))], world_size, seed=seed,
+        same_source_global_batch=same_source_global_batch,
+    )  # fmt: skip
 
 
 def _source_of(batch, datasets):
@@ -65,6 +66,23 @@ def test_every_rank_gets_the_same_number_of_batches():
         assert len(batches) == len(sampler) and len(batches) % world == 0
         per_rank = [batches[r::world] for r in range(world)]  # accelerate's sharding of a batch sampler
         assert len({len(p) for p in per_rank}) == 1
+
+
+def test_same_source_global_batch_deals_one_source_to_all_ranks_per_step():
+    datasets = _sources([203, 57, 91])
+    for world in (2, 4):
+        mixed = [_source_of(b, datasets) for b in _sampler(datasets, [1.0, 3.0, 0.5], world_size=world)]
+        sampler = _sampler(datasets, [1.0, 3.0, 0.5], world_size=world, same_source_global_batch=True)
+        batches = list(sampler)
+        sources = [_source_of(b, datasets) for b in batches]
+        steps = [sources[i : i + world] for i in range(0, len(sources), world)]  # rank r takes batch i*W + r
+        assert all(len(set(step)) == 1 for step in steps)
+        assert any(len(set(mixed[i : i + world])) > 1 for i in range(0, len(mixed), world))  # not so by default
+        assert len(batches) == len(sampler) and Counter(sources) == dict(enumerate(sampler.batches_per_source))
+        # the ranks of one step get different pairs of the source (its next W batches)
+        for i in range(0, len(batches), world):
+            rows = [r for b in batches[i : i + world] for r in b]
+            assert len(rows) == len(set(rows)) or sources[i] == 1  # source 1 (57 rows) wraps within a step
 
 
 def test_order_is_a_function_of_seed_and_epoch():
