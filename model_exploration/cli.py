@@ -126,13 +126,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch_size",
         type=_positive_int,
         default=64,
-        help="pairs per device per step; with MNRL the in-batch negative pool is this batch",
+        help="pairs per device per step; with MNRL the in-batch negative pool is this batch "
+        "(x world size with --gather_across_devices)",
     )
     g.add_argument(
         "--gradient_accumulation_steps",
         type=_positive_int,
         default=8,
-        help="steps per optimizer update; note it does NOT enlarge MNRL's negative pool",
+        help="steps per optimizer update; it does NOT enlarge MNRL's negative pool (each micro-batch is its own "
+        "pool): for more negatives use --gather_across_devices and a larger --batch_size with --mini_batch_size",
+    )
+    g.add_argument(
+        "--gather_across_devices",
+        action="store_true",
+        help="in-batch negatives from all ranks: each query is scored against the passages of every rank's batch "
+        "(gradients flow back through the gather)",
+    )
+    g.add_argument(
+        "--same_source_global_batch",
+        action="store_true",
+        help="all ranks draw a micro-step's batches from the same source, so gathered negatives are same-source",
+    )
+    g.add_argument(
+        "--mini_batch_size",
+        type=_positive_int,
+        default=None,
+        help="GradCache (CachedMultipleNegativesRankingLoss): embed the batch in chunks of this many texts, so "
+        "--batch_size (the negative pool) is limited by time, not memory",
+    )
+    g.add_argument(
+        "--mini_batch_tokens",
+        type=_positive_int,
+        default=None,
+        help="GradCache: cut chunks by real tokens instead (at most this many per chunk); with the unpadded "
+        "forward a chunk costs its real tokens, so this bounds memory tightly (needs --mini_batch_size as the cap)",
+    )
+    g.add_argument(
+        "--no_unpad",
+        dest="unpad",
+        action="store_false",
+        help="use the stock padded forward of BERT models instead of the unpadded one (model_exploration/unpadded.py)",
     )
     g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
     g.add_argument("--warmup_ratio", type=float, default=0.1, help="share of the optimizer steps spent warming up")
@@ -257,6 +290,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--bat_* options need --bat")
     if not 0 < args.bat_beta_start <= args.bat_beta_end or not 0 < args.bat_anneal_ratio <= 1:
         parser.error("need 0 < --bat_beta_start <= --bat_beta_end and 0 < --bat_anneal_ratio <= 1")
+    if args.mini_batch_tokens and not args.mini_batch_size:
+        parser.error("--mini_batch_tokens needs --mini_batch_size (GradCache's cap on texts per chunk)")
+    if args.mini_batch_size and args.bat:
+        parser.error("--mini_batch_size (GradCache) does not combine with --bat; drop one")
     if args.resume_run_id and not args.resume_checkpoint_path:
         parser.error("--resume_run_id needs --resume_checkpoint_path (the run to continue)")
     if args.stage != "2" and (args.sde_weight_scale != 1.0 or args.stage1_replay_weight is not None or args.arxiv_path):

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import evaluation
+import unpadded
 from encoding import encode_fast
 from errors import UserError, exit_status
 
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max_seq_length", type=int, default=None, help="default: each model's own")
     p.add_argument("--no_charts", action="store_true", help="skip the PNG bar charts")
+    p.add_argument(
+        "--no_unpad", dest="unpad", action="store_false", help="encode with the stock padded forward of BERT models"
+    )
     return p
 
 
@@ -95,7 +99,7 @@ def cached_corpus_embeddings(model, model_name: str, benchmark, args, cache_root
     return emb
 
 
-def load_model(name: str):
+def load_model(name: str, unpad: bool = True):
     from sentence_transformers import SentenceTransformer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -103,11 +107,14 @@ def load_model(name: str):
         {"model_kwargs": {"torch_dtype": torch.bfloat16}} if device == "cuda" and torch.cuda.is_bf16_supported() else {}
     )
     try:
-        return SentenceTransformer(name, device=device, **kwargs)
+        model = SentenceTransformer(name, device=device, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any loading failure becomes one actionable line
         raise UserError(
             f"--models {name}: cannot load it ({type(exc).__name__}); pass a model folder or hub id"
         ) from None
+    if unpad:
+        unpadded.enable_unpadded(model)
+    return model
 
 
 def run(argv: list[str] | None = None) -> dict:
@@ -133,7 +140,7 @@ def run(argv: list[str] | None = None) -> dict:
         if not todo:
             logger.info("%s: all benchmarks already in %s, skipped", model_name, out / "results.json")
             continue
-        model = load_model(model_name)
+        model = load_model(model_name, args.unpad)
         for spec in todo:
             if spec not in loaded:
                 loaded[spec] = evaluation.load_benchmarks(spec)

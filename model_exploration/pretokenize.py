@@ -42,18 +42,20 @@ def _tokenize_batch(batch: dict[str, list[str]], tokenizer, max_length: int) -> 
     }
 
 
+def tokenize_columns(dataset: Dataset, tokenizer, max_length: int, desc: str | None = None) -> Dataset:
+    """Every text column replaced by its token ids (truncated to max_length, unpadded)."""
+    return dataset.map(
+        _tokenize_batch, batched=True, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length}, desc=desc
+    )
+
+
 def pretokenize_source(source: data.SourceData, tokenizer, max_length: int) -> tuple[Dataset, Dataset]:
     """(train, validation) of token ids with the same column names as the texts. Validation stays text (the
     evaluator encodes it), so only train is tokenized."""
     path = Path(source.cache_path) / f"tokens-{tokenizer_fingerprint(tokenizer, max_length)}"
 
     def build(tmp: Path) -> dict:
-        tokens = source.train.map(
-            _tokenize_batch,
-            batched=True,
-            fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
-            desc=f"tokenize {source.spec.name}",
-        )
+        tokens = tokenize_columns(source.train, tokenizer, max_length, desc=f"tokenize {source.spec.name}")
         DatasetDict({"train": tokens}).save_to_disk(str(tmp / "data"))
         return {"train": len(tokens)}
 

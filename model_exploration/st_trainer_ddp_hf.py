@@ -24,6 +24,7 @@ from sentence_transformers import (
     SentenceTransformerTrainingArguments,
 )
 from sentence_transformers.sentence_transformer.losses import (
+    CachedMultipleNegativesRankingLoss,
     MultipleNegativesRankingLoss,
 )
 from sentence_transformers.util.distributed import distributed_evaluation
@@ -34,6 +35,7 @@ import distributed
 import evaluation
 import pretokenize
 import tracking
+import unpadded
 from data import cache_path_for
 from errors import UserError, exit_status
 from training import MixtureTrainer, PreemptionCallback, bf16_supported
@@ -115,7 +117,27 @@ def load_model(args) -> tuple[SentenceTransformer, int]:
     model.max_seq_length = min(wanted, limit)
     if wanted > limit:
         logger.warning("--model_max_len %d exceeds the model's %d positions; using %d", wanted, limit, limit)
+    if args.unpad and unpadded.enable_unpadded(model):
+        logger.info("unpadded forward on: dense layers and attention skip padding tokens (--no_unpad to turn off)")
     return model, native_max_len
+
+
+def build_loss(args, model, surrogate: binary.BinarySurrogate | None):
+    """MNRL, its GradCache form (--mini_batch_size) or the binary-aware MNRL (--bat); all gather negatives
+    across ranks with --gather_across_devices."""
+    gather = args.gather_across_devices
+    if surrogate:
+        return binary.BinaryAwareMNRLoss(
+            model, surrogate, float_weight=args.bat_float_weight, gather_across_devices=gather
+        )
+    if args.mini_batch_size:
+        return CachedMultipleNegativesRankingLoss(
+            model,
+            mini_batch_size=args.mini_batch_size,
+            mini_batch_num_tokens=args.mini_batch_tokens,
+            gather_across_devices=gather,
+        )
+    return MultipleNegativesRankingLoss(model, gather_across_devices=gather)
 
 
 def benchmark_rows(
@@ -233,11 +255,7 @@ def run(argv: list[str] | None = None) -> None:
         else {}
     )
     surrogate = binary.BinarySurrogate(args.bat, args.bat_beta_start, args.bat_beta_end) if args.bat else None
-    loss = (
-        binary.BinaryAwareMNRLoss(model, surrogate, float_weight=args.bat_float_weight)
-        if surrogate
-        else MultipleNegativesRankingLoss(model)
-    )
+    loss = build_loss(args, model, surrogate)
 
     preemption = PreemptionCallback()
     trainer = MixtureTrainer(
@@ -248,6 +266,7 @@ def run(argv: list[str] | None = None) -> None:
         callbacks=[preemption] + ([binary.SurrogateStepCallback(surrogate)] if surrogate else []),
         evaluator=evaluator,
         source_weights={s.spec.name: s.spec.weight for s in sources},
+        same_source_global_batch=args.same_source_global_batch,
         lr_schedule=dict(
             lr_min=args.lr_min_custom,
             cycle_steps=args.cosine_cycle_steps_custom,

@@ -46,6 +46,7 @@ def test_single_process_run_writes_model_results_and_no_secret(tiny_model, small
     history, _ = _history(run / "checkpoint-4")
     assert {h["learning_rate"] for h in history.values()} == {2e-5}  # --no_custom_lr_scheduler took effect
     assert all("pairs_per_s" in h and "tokens_per_s" in h for h in history.values())
+    assert all(0 < h["mfu"] < 1 and h["model_tflops_per_device"] > 0 for h in history.values())
     assert "eval_validation_val/mean/ndcg@10" in json.dumps(_history(run / "checkpoint-4")[1]["log_history"])
     leaked = [p for p in run.rglob("*") if p.is_file() and FAKE_TOKEN.encode() in p.read_bytes()]
     assert not leaked and FAKE_TOKEN not in result.stdout + result.stderr
@@ -55,7 +56,8 @@ def test_torchrun_two_ranks_share_one_run(tiny_model, small_beir, tmp_path):
     out = tmp_path / "runs"
     result = _run(
         _common(tiny_model, out, "--nrows", 64, "--max_steps", 5, "--run_name", "ddp", "--pretokenize",
-                "--eval_benchmarks", f"beir:{small_beir}", "--eval_and_save_steps", 5),
+                "--eval_benchmarks", f"beir:{small_beir}", "--eval_and_save_steps", 5, "--gather_across_devices",
+                "--same_source_global_batch", "--mini_batch_size", 4, "--mini_batch_tokens", 256),
         launcher=[PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"],
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
