@@ -46,3 +46,13 @@ def test_secrets_are_redacted_from_saved_args(tmp_path, monkeypatch):
     tracking.save_args({"note": "key=planted-wandb-key-123", "nested": {"x": ["planted-wandb-key-123"]}}, tmp_path)
     text = (tmp_path / "run_args.json").read_text()
     assert "planted-wandb-key-123" not in text and json.loads(text)["nested"]["x"] == ["***"]
+
+
+def test_pad_ids_equals_the_tokenizers_padding_on_both_sides(tiny_model):
+    tokenizer = SentenceTransformer(str(tiny_model), device="cpu").tokenizer
+    rows = [[101, 7, 8, 102], [101, 102], [101, 5, 6, 7, 8, 9, 102]]
+    for side in ("right", "left"):
+        tokenizer.padding_side = side
+        reference = tokenizer.pad({"input_ids": rows}, return_tensors="pt")
+        ids, mask = pretokenize.pad_ids(rows, tokenizer.pad_token_id, left=side == "left")
+        assert torch.equal(ids, reference["input_ids"]) and torch.equal(mask, reference["attention_mask"]), side
