@@ -131,3 +131,12 @@ def test_two_rank_gathered_loss_equals_one_rank_loss_on_the_whole_batch(tiny_mod
         assert report[kind]["grads_compared"] > 10
     # without the gather, each rank's pool is its own half: a different (smaller-pool) loss
     assert abs(report["local_loss"] - report["reference_loss"]) > 1e-3
+
+
+def test_model_flops_count_every_dense_weight_and_attention(tiny_model):
+    import throughput
+
+    flops = throughput.EncoderFlops.of(SentenceTransformer(str(tiny_model), device="cpu"))
+    # 2 layers x (QKV + output 4 x 64^2, FFN 2 x 64 x 128); the pooler is not part of the embedding
+    assert (flops.dense_params, flops.layers, flops.hidden) == (2 * (4 * 64 * 64 + 2 * 64 * 128), 2, 64)
+    assert flops.train(10, 100) == 3 * (2 * flops.dense_params * 10 + 4 * 2 * 64 * 100)
