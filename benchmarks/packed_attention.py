@@ -77,12 +77,13 @@ def main() -> None:
     lengths = lengths_mix(args.batch, 0)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
     tokens = sum(lengths)
+    packed = unpadded.PackedBatch(lengths, torch.tensor(starts + [tokens], dtype=torch.int32))
     print(f"device {device}, {args.batch} sequences, {tokens} tokens (padded to the longest: "
           f"{args.batch * max(lengths)}), {args.heads} heads x {args.head_dim}")  # fmt: skip
     candidates = {
         "batch-padded": batch_padded,
         "per-sequence": per_sequence,
-        "bucketed": lambda q, k, v, lengths, starts: unpadded._bucketed_attention(q, k, v, lengths, starts),
+        "bucketed": lambda q, k, v, lengths, starts: unpadded._bucketed_attention(q, k, v, packed),
         "nested": nested,
     }
     if device.type == "cuda":

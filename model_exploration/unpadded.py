@@ -45,67 +45,80 @@ def length_buckets(lengths: list[int], waste: float = 0.125) -> list[list[int]]:
     `waste` of its attention work (sum of len^2): few SDPA calls, little padding."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     buckets: list[list[int]] = []
+    work = 0  # sum of len^2 of the open bucket
     for i in order:
-        if buckets:
-            bucket = buckets[-1]
-            longest = lengths[bucket[0]]
-            real = sum(lengths[j] ** 2 for j in bucket) + lengths[i] ** 2
-            if (len(bucket) + 1) * longest**2 <= (1 + waste) * real:
-                bucket.append(i)
-                continue
-        buckets.append([i])
+        if buckets and (len(buckets[-1]) + 1) * lengths[buckets[-1][0]] ** 2 <= (1 + waste) * (work + lengths[i] ** 2):
+            buckets[-1].append(i)
+            work += lengths[i] ** 2
+        else:
+            buckets.append([i])
+            work = lengths[i] ** 2
     return buckets
 
 
-def _bucketed_attention(q, k, v, lengths: list[int], starts: list[int]):
+class PackedBatch:
+    """Sequence boundaries of a packed batch. The fallback's bucket plan (token indices, key masks) is built once
+    per forward and shared by all layers."""
+
+    def __init__(self, lengths: list[int], cu_seqlens: torch.Tensor):
+        self.lengths, self.cu_seqlens = lengths, cu_seqlens
+        self._plan: list[tuple] | None = None
+
+    def bucket_plan(self, device: torch.device) -> list[tuple]:
+        """Per bucket: (token indices, rows, longest, key mask or None, slots of real tokens or None)."""
+        if self._plan is None:
+            starts = self.cu_seqlens[:-1].tolist()
+            self._plan = []
+            for bucket in length_buckets(self.lengths):
+                longest = self.lengths[bucket[0]]
+                ranges = [torch.arange(starts[i], starts[i] + self.lengths[i]) for i in bucket]
+                index = torch.cat(ranges).to(device)
+                if all(self.lengths[i] == longest for i in bucket):
+                    self._plan.append((index, len(bucket), longest, None, None))
+                    continue
+                mask = torch.arange(longest) < torch.tensor([self.lengths[i] for i in bucket])[:, None]
+                slots = mask.flatten().nonzero().squeeze(1).to(device)
+                self._plan.append((index, len(bucket), longest, mask.to(device), slots))
+        return self._plan
+
+
+def _bucketed_attention(q, k, v, batch: PackedBatch):
     """Attention of packed q/k/v [tokens, heads, dim], one SDPA call per bucket of similar lengths."""
     out = torch.empty_like(q)
-    for bucket in length_buckets(lengths):
-        longest = lengths[bucket[0]]
-        if len(bucket) == 1 or all(lengths[i] == longest for i in bucket):
-            index = torch.cat([torch.arange(starts[i], starts[i] + longest) for i in bucket]).to(q.device)
-            shape = (len(bucket), longest, q.shape[1], q.shape[2])
-            qb, kb, vb = (t[index].view(shape).transpose(1, 2) for t in (q, k, v))
-            ob = F.scaled_dot_product_attention(qb, kb, vb)
-            out[index] = ob.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])
+    heads, dim = q.shape[1], q.shape[2]
+    for index, rows, longest, mask, slots in batch.bucket_plan(q.device):
+        if mask is None:  # equal lengths: a plain reshape, no padding
+            qb, kb, vb = (t[index].view(rows, longest, heads, dim).transpose(1, 2) for t in (q, k, v))
+            out[index] = F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(-1, heads, dim)
             continue
-        mask = torch.zeros(len(bucket), longest, dtype=torch.bool)
-        src = []
-        for row, i in enumerate(bucket):
-            mask[row, : lengths[i]] = True
-            src.append(torch.arange(starts[i], starts[i] + lengths[i]))
-        mask = mask.to(q.device)
-        index = torch.cat(src).to(q.device)
-        slots = mask.flatten().nonzero().squeeze(1)
-        padded = []
-        for t in (q, k, v):
-            buf = t.new_zeros(len(bucket) * longest, t.shape[1], t.shape[2]).index_copy(0, slots, t[index])
-            padded.append(buf.view(len(bucket), longest, t.shape[1], t.shape[2]).transpose(1, 2))
-        ob = F.scaled_dot_product_attention(*padded, attn_mask=mask[:, None, None, :])
-        out[index] = ob.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])[slots]
+        padded = [
+            t.new_zeros(rows * longest, heads, dim).index_copy(0, slots, t[index]).view(rows, longest, heads, dim)
+            for t in (q, k, v)
+        ]
+        ob = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in padded), attn_mask=mask[:, None, None, :])
+        out[index] = ob.transpose(1, 2).reshape(-1, heads, dim)[slots]
     return out
 
 
-def packed_attention(q, k, v, lengths: list[int], cu_seqlens: torch.Tensor):
+def packed_attention(q, k, v, batch: PackedBatch):
     """softmax(q k^T / sqrt(d)) v within each sequence of packed [tokens, heads, dim] tensors."""
     device = q.device.type
     if device == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and _varlen_ok.get(device, True):
         try:
-            return _varlen_attention(q, k, v, cu_seqlens, max(lengths))
+            return _varlen_attention(q, k, v, batch.cu_seqlens, max(batch.lengths))
         except (RuntimeError, NotImplementedError, ImportError) as exc:  # kernel missing for this GPU/build
             _varlen_ok[device] = False
             logger.warning("varlen_attn unavailable (%s); using bucketed SDPA", type(exc).__name__)
-    starts = cu_seqlens[:-1].tolist()
-    return _bucketed_attention(q, k, v, lengths, starts)
+    return _bucketed_attention(q, k, v, batch)
 
 
-def _layer_forward(layer, x, lengths, cu_seqlens, heads: int):
+def _layer_forward(layer, x, batch: PackedBatch, heads: int):
     attn = layer.attention.self
     tokens, hidden = x.shape
     weight = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])
     bias = torch.cat([attn.query.bias, attn.key.bias, attn.value.bias])
     qkv = F.linear(x, weight, bias).view(tokens, 3, heads, hidden // heads)
-    context = packed_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], lengths, cu_seqlens).reshape(tokens, hidden)
+    context = packed_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], batch).reshape(tokens, hidden)
     out = layer.attention.output
     x = out.LayerNorm(out.dropout(out.dense(context)) + x)
     h = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
@@ -132,10 +145,10 @@ def unpadded_bert_forward(self, input_ids=None, attention_mask=None, token_type_
     types_ = token_type_ids.flatten()[slots] if token_type_ids is not None else torch.zeros_like(positions)
     x = emb.dropout(emb.LayerNorm(x + emb.token_type_embeddings(types_)))
 
-    lengths = seq_lengths.tolist()
+    packed = PackedBatch(seq_lengths.tolist(), cu_seqlens)
     heads = self.config.num_attention_heads
     for layer in self.encoder.layer:
-        x = _layer_forward(layer, x, lengths, cu_seqlens, heads)
+        x = _layer_forward(layer, x, packed, heads)
     hidden = x.new_zeros(batch * length, x.shape[-1]).index_copy(0, slots, x)
     return BaseModelOutput(last_hidden_state=hidden.view(batch, length, -1))
 
