@@ -86,8 +86,9 @@ class MixtureTrainer(SentenceTransformerTrainer):
             logs["pairs_per_s"] = round(pairs * world / elapsed, 2)
             logs["tokens_per_s"] = round(real * world / elapsed, 1)
             logs["padding_share"] = round(1 - real / max(1, padded), 4)
-            logs["model_tflops_per_device"] = round(flops_per_s / 1e12, 3)
-            logs["mfu"] = round(flops_per_s / self.peak_flops, 4)
+            # significant digits, not decimals: a small model on CPU runs at 1e-4 TFLOP/s, not 0
+            logs["model_tflops_per_device"] = float(f"{flops_per_s / 1e12:.4g}")
+            logs["mfu"] = float(f"{flops_per_s / self.peak_flops:.4g}")
             self._since = time.perf_counter()
         super().log(logs, start_time)
 
