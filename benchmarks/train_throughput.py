@@ -230,6 +230,11 @@ def time_encoding(model_dir: Path, passages: list[str], cfg, device, ours: bool,
     return row, embeddings
 
 
+def rate(row: dict) -> float:
+    """A path's throughput: pairs/s for training and data pipelines, passages/s for encoding."""
+    return row["pairs_per_s"] if "pairs_per_s" in row else row["passages_per_s"]
+
+
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -293,13 +298,10 @@ def main() -> None:
     print("\n| path | pairs/s (passages/s) | real tokens/s | padding share | MFU | peak GB |")
     print("|---|---|---|---|---|---|")
     for label, row in rows.items():
-        rate = row.get("pairs_per_s", row.get("passages_per_s"))
-        print(f"| {label} | {rate:.1f} | {fmt(row.get('tokens_per_s'), '.0f')} | "
+        print(f"| {label} | {rate(row):.1f} | {fmt(row.get('tokens_per_s'), '.0f')} | "
               f"{fmt(row.get('padding_share'), '.1%')}{' (computed: 0, packed)' if label.startswith('ours') and 'padding_share' in row else ''} | "
               f"{fmt(row.get('mfu'), '.1%')} | {fmt(row.get('peak_gb'), '.1f')} |")  # fmt: skip
-    ratio = {k: rows[f"ours {k}"].get("pairs_per_s", rows[f"ours {k}"].get("passages_per_s"))
-             / rows[f"plain {k}"].get("pairs_per_s", rows[f"plain {k}"].get("passages_per_s"))
-             for k in kinds + ["encode", "data pipeline"]}  # fmt: skip
+    ratio = {k: rate(rows[f"ours {k}"]) / rate(rows[f"plain {k}"]) for k in kinds + ["encode", "data pipeline"]}
     print(f"\npretokenization (one-off): {pretokenize_rate:.0f} pairs/s; ours data pipeline / ours MNRL training: "
           f"{rows['ours data pipeline']['pairs_per_s'] / rows['ours mnrl']['pairs_per_s']:.1f}x")  # fmt: skip
     print(f"encode agreement: min cosine {cosine:.6f} (ours vs SentenceTransformer.encode)")

@@ -51,14 +51,16 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype | None = None, si
     size = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
+    cuda = device.type == "cuda"
+    calls = 10 if cuda else 1  # per timing: GPU launches are asynchronous, so time a run of them
     best = float("inf")
-    for _ in range(4 if device.type == "cuda" else 3):
-        if device.type == "cuda":
+    for _ in range(4 if cuda else 3):
+        if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        for _ in range(10 if device.type == "cuda" else 1):
+        for _ in range(calls):
             a @ b
-        if device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
-        best = min(best, (time.perf_counter() - start) / (10 if device.type == "cuda" else 1))
+        best = min(best, (time.perf_counter() - start) / calls)
     return 2 * size**3 / best

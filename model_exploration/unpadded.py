@@ -31,7 +31,7 @@ from transformers.modeling_outputs import BaseModelOutput
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("bert",)
-_varlen_ok: dict[str, bool] = {}
+_varlen_works = True  # cleared the first time the CUDA kernel raises: then bucketed SDPA for the process
 
 
 def _varlen_attention(q, k, v, cu_seqlens, max_len: int):
@@ -102,12 +102,12 @@ def _bucketed_attention(q, k, v, batch: PackedBatch):
 
 def packed_attention(q, k, v, batch: PackedBatch):
     """softmax(q k^T / sqrt(d)) v within each sequence of packed [tokens, heads, dim] tensors."""
-    device = q.device.type
-    if device == "cuda" and q.dtype in (torch.float16, torch.bfloat16) and _varlen_ok.get(device, True):
+    global _varlen_works
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_works:
         try:
             return _varlen_attention(q, k, v, batch.cu_seqlens, max(batch.lengths))
         except (RuntimeError, NotImplementedError, ImportError) as exc:  # kernel missing for this GPU/build
-            _varlen_ok[device] = False
+            _varlen_works = False
             logger.warning("varlen_attn unavailable (%s); using bucketed SDPA", type(exc).__name__)
     return _bucketed_attention(q, k, v, batch)
 
