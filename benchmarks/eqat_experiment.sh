@@ -30,5 +30,5 @@ for mode in "${modes[@]}"; do
   esac
   models+=("$out/runs/eqat_$mode/final")
 done
-python model_exploration/evaluate.py --models "${models[@]}" --benchmarks beir:data/scifact \
+python model_exploration/compare.py --models "${models[@]}" --benchmarks beir:data/scifact \
     --output_dir "$out/table" --precision ubinary --rescore_multiplier 4

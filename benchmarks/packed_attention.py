@@ -12,17 +12,13 @@ torch.nn.attention.varlen.varlen_attn. Prints ms per call and the ratio to `buck
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_exploration"))
+import numpy as np
+import torch
+import torch.nn.functional as F
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import unpadded  # noqa: E402
+from model_exploration import unpadded
 
 
 def lengths_mix(batch: int, seed: int, max_len: int = 512) -> list[int]:

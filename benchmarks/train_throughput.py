@@ -27,36 +27,32 @@ import gc
 import gzip
 import json
 import re
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "model_exploration"))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from datasets import Dataset, DatasetDict  # noqa: E402
-from sentence_transformers import (  # noqa: E402
+import numpy as np
+import torch
+from datasets import Dataset, DatasetDict
+from sentence_transformers import (
     SentenceTransformer,
     SentenceTransformerTrainer,
     SentenceTransformerTrainingArguments,
 )
-from sentence_transformers.base.modules import Transformer  # noqa: E402
-from sentence_transformers.sentence_transformer.losses import (  # noqa: E402
+from sentence_transformers.base.modules import Transformer
+from sentence_transformers.sentence_transformer.losses import (
     CachedMultipleNegativesRankingLoss,
     MultipleNegativesRankingLoss,
 )
-from sentence_transformers.sentence_transformer.modules import Pooling  # noqa: E402
-from transformers import AutoTokenizer, BertConfig, BertModel, TrainerCallback  # noqa: E402
+from sentence_transformers.sentence_transformer.modules import Pooling
+from transformers import AutoTokenizer, BertConfig, BertModel, TrainerCallback
 
-import pretokenize  # noqa: E402
-import throughput  # noqa: E402
-import unpadded  # noqa: E402
-from cli import offline_minilm_path  # noqa: E402
-from encoding import encode_fast  # noqa: E402
-from training import MixtureTrainer, TokenCounter, bf16_supported  # noqa: E402
+from model_exploration import pretokenize, throughput, unpadded
+from model_exploration.cli import offline_minilm_path
+from model_exploration.encoding import encode_fast
+from model_exploration.training import MixtureTrainer, TokenCounter, bf16_supported
+
+REPO = Path(__file__).resolve().parents[1]
 
 PRESETS = {
     # hidden, layers, heads, intermediate, batch, steps, warmup, mini_batch, encode passages, encode batch

@@ -13,10 +13,8 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_exploration"))
-
-from errors import UserError, exit_status  # noqa: E402
-from tracking import load_env  # noqa: E402
+from model_exploration.errors import UserError, exit_status
+from model_exploration.tracking import load_env
 
 KAGGLE_DATASET = "Cornell-University/arxiv"
 SNAPSHOT = "arxiv-metadata-oai-snapshot.json"

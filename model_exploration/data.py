@@ -27,9 +27,9 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
 
-import distributed
-from errors import UserError
-from sources import SourceSpec, expand_hub_configs
+from model_exploration import distributed
+from model_exploration.errors import UserError
+from model_exploration.sources import SourceSpec, expand_hub_configs
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import torch
 from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
 from sentence_transformers.util import quantize_embeddings
 
-from data import read_jsonl
-from errors import UserError
+from model_exploration.data import read_jsonl
+from model_exploration.errors import UserError
 
 logger = logging.getLogger(__name__)
 

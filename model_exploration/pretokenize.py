@@ -21,7 +21,7 @@ from sentence_transformers.sentence_transformer.data_collator import (
     SentenceTransformerDataCollator,
 )
 
-import data
+from model_exploration import data
 
 
 def tokenizer_fingerprint(tokenizer, max_length: int) -> str:

@@ -28,7 +28,7 @@ from sentence_transformers.base.sampler import (
 )
 from torch.utils.data import BatchSampler, ConcatDataset
 
-from errors import UserError
+from model_exploration.errors import UserError
 
 
 def apportion(total: int, shares: list[float]) -> list[int]:

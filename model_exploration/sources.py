@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from errors import UserError
+from model_exploration.errors import UserError
 
 MIXTURES_DIR = Path(__file__).resolve().parent / "mixtures"
 REPO_ROOT = Path(__file__).resolve().parents[1]

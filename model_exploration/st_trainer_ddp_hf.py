@@ -29,17 +29,11 @@ from sentence_transformers.sentence_transformer.losses import (
 )
 from sentence_transformers.util.distributed import distributed_evaluation
 
-import binary
-import cli
-import distributed
-import evaluation
-import pretokenize
-import tracking
-import unpadded
-from data import cache_path_for
-from errors import UserError, exit_status
-from training import MixtureTrainer, PreemptionCallback, bf16_supported
-from utils import (
+from model_exploration import binary, cli, distributed, evaluation, pretokenize, tracking, unpadded
+from model_exploration.data import cache_path_for
+from model_exploration.errors import UserError, exit_status
+from model_exploration.training import MixtureTrainer, PreemptionCallback, bf16_supported
+from model_exploration.utils import (
     build_dataset_configs_file,
     build_dataset_configs_s1,
     build_dataset_configs_s2,

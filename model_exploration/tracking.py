@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from errors import UserError
+from model_exploration.errors import UserError
 
 SECRET_ENV_KEYS = ("WANDB_API_KEY", "HUGGINGFACE_TOKEN", "HF_TOKEN", "KAGGLE_KEY")
 RUN_ID_FILE = "wandb_run_id.txt"

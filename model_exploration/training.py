@@ -16,10 +16,9 @@ import torch.distributed as dist
 from sentence_transformers import SentenceTransformerTrainer
 from transformers import TrainerCallback
 
-import distributed
-import throughput
-from lr_schedule import custom_lr_scheduler
-from sampler import WeightedSourceBatchSampler, make_source_batch_sampler
+from model_exploration import distributed, throughput
+from model_exploration.lr_schedule import custom_lr_scheduler
+from model_exploration.sampler import WeightedSourceBatchSampler, make_source_batch_sampler
 
 
 class MixtureTrainer(SentenceTransformerTrainer):

@@ -11,9 +11,9 @@ from operator import itemgetter
 
 from sentence_transformers.base.evaluation.sequential import SequentialEvaluator
 
-from data import SourceData, load_and_cache_datasets
-from evaluation import Benchmark, RetrievalEvaluator, validation_benchmark
-from sources import (
+from model_exploration.data import SourceData, load_and_cache_datasets
+from model_exploration.evaluation import Benchmark, RetrievalEvaluator, validation_benchmark
+from model_exploration.sources import (
     build_dataset_configs_file,
     build_dataset_configs_s1,
     build_dataset_configs_s2,

@@ -2,7 +2,6 @@ import gzip
 import json
 import os
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,10 +11,8 @@ os.environ.update(
     HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", OMP_NUM_THREADS="1",
     TOKENIZERS_PARALLELISM="false",
 )  # fmt: skip
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_exploration"))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from helpers import REPO, build_tiny_model  # noqa: E402
+from helpers import REPO, build_tiny_model  # noqa: E402 - the environment above must be set first
 
 
 @pytest.fixture(scope="session")

@@ -6,16 +6,13 @@ import sys
 from pathlib import Path
 
 import torch.distributed as dist
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model_exploration"))
-
-from sentence_transformers import SentenceTransformer  # noqa: E402
-from sentence_transformers.sentence_transformer.losses import (  # noqa: E402
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.losses import (
     CachedMultipleNegativesRankingLoss,
     MultipleNegativesRankingLoss,
 )
 
-import unpadded  # noqa: E402
+from model_exploration import unpadded
 
 PAIRS = 12
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 
-from binary import BinaryAwareMNRLoss, BinarySurrogate, SurrogateStepCallback, beta_at
 from helpers import PYTHON, subprocess_env
+from model_exploration.binary import BinaryAwareMNRLoss, BinarySurrogate, SurrogateStepCallback, beta_at
 
 
 def test_beta_schedule_is_geometric_then_flat():

@@ -4,9 +4,9 @@ import json
 import pytest
 from datasets import Dataset
 
-import data
-from errors import UserError
-from sources import SourceSpec
+from model_exploration import data
+from model_exploration.errors import UserError
+from model_exploration.sources import SourceSpec
 
 
 def _jsonl(path, rows):

@@ -4,9 +4,9 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-import cli
-from encoding import encode_fast, token_budget_batches
 from helpers import REPO
+from model_exploration import cli
+from model_exploration.encoding import encode_fast, token_budget_batches
 
 
 def test_token_budget_batches_cover_every_text_once_within_budget():

@@ -10,9 +10,9 @@ from sentence_transformers.sentence_transformer.evaluation import (
 )
 from sentence_transformers.util import quantize_embeddings
 
-import evaluation
-from errors import UserError
 from helpers import PYTHON, REPO, subprocess_env
+from model_exploration import evaluation
+from model_exploration.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_validation_benchmark_counts_identical_positives_as_relevant():
 
 def test_comparison_cli_writes_tables_charts_binary_rows_and_skips_done_pairs(tiny_model, small_beir, tmp_path):
     out = tmp_path / "cmp"
-    cmd = [PYTHON, str(REPO / "model_exploration" / "evaluate.py"), "--models", str(tiny_model),
+    cmd = [PYTHON, str(REPO / "model_exploration" / "compare.py"), "--models", str(tiny_model),
            "--benchmarks", f"beir:{small_beir}", "--output_dir", str(out), "--precision", "ubinary",
            "--rescore_multiplier", "4"]  # fmt: skip
     first = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
@@ -131,7 +131,7 @@ def test_comparison_cli_writes_tables_charts_binary_rows_and_skips_done_pairs(ti
 
 def test_comparison_cli_bad_benchmark_is_one_line(tiny_model, tmp_path):
     out = subprocess.run(
-        [PYTHON, str(REPO / "model_exploration" / "evaluate.py"), "--models", str(tiny_model),
+        [PYTHON, str(REPO / "model_exploration" / "compare.py"), "--models", str(tiny_model),
          "--benchmarks", f"beir:{tmp_path / 'missing'}", "--output_dir", str(tmp_path / "o")],
         capture_output=True, text=True, env=subprocess_env(), timeout=300,
     )  # fmt: skip

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lr_schedule import custom_lr, custom_lr_scheduler
+from model_exploration.lr_schedule import custom_lr, custom_lr_scheduler
 
 CFG = dict(lr_max=2e-5, lr_min=5e-6, warmup_steps=100, total_steps=1100, cycle_steps=200, magnitude_fraction=0.1)
 

@@ -7,10 +7,8 @@ from sentence_transformers.sentence_transformer.data_collator import (
     SentenceTransformerDataCollator,
 )
 
-import data
-import pretokenize
-import tracking
-from sources import SourceSpec
+from model_exploration import data, pretokenize, tracking
+from model_exploration.sources import SourceSpec
 
 
 def test_pretokenized_batches_equal_on_the_fly_batches_and_pad_per_batch(tiny_model, tmp_path):

@@ -3,7 +3,7 @@ from collections import Counter
 from datasets import Dataset
 from torch.utils.data import ConcatDataset
 
-from sampler import WeightedSourceBatchSampler, apportion, make_source_batch_sampler
+from model_exploration.sampler import WeightedSourceBatchSampler, apportion, make_source_batch_sampler
 
 
 def _sources(sizes, duplicates_every=0):

@@ -4,9 +4,9 @@ import subprocess
 
 import pytest
 
-from errors import UserError
 from helpers import ENTRY, PYTHON, REPO, subprocess_env
-from sources import (
+from model_exploration.errors import UserError
+from model_exploration.sources import (
     build_dataset_configs_s1,
     build_dataset_configs_s2,
     build_dataset_configs_sample,

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from helpers import ENTRY, PYTHON, REPO, subprocess_env
-from lr_schedule import custom_lr
+from model_exploration.lr_schedule import custom_lr
 
 FAKE_TOKEN = "hf_PLANTEDfakeTOKEN0123456789"
 

@@ -12,8 +12,8 @@ from sentence_transformers.sentence_transformer.losses import (
     MultipleNegativesRankingLoss,
 )
 
-import unpadded
 from helpers import PYTHON, REPO, subprocess_env
+from model_exploration import unpadded
 
 TEXTS = [
     "x",

@@ -1,6 +1,6 @@
 """Compare checkpoints on retrieval benchmarks and write results.json / .csv / .md and a bar chart per benchmark.
 
-    python model_exploration/evaluate.py --models M1 M2 --benchmarks nanobeir nasa_smd nasa_sde beir:PATH \\
+    python model_exploration/compare.py --models M1 M2 --benchmarks nanobeir nasa_smd nasa_sde beir:PATH \\
         --output_dir DIR [--precision ubinary] [--rescore_multiplier 4]
 
 A model is a hub id or a local SentenceTransformer folder (trainer checkpoints included). Re-running skips the
@@ -22,12 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import evaluation
-import unpadded
-from encoding import encode_fast
-from errors import UserError, exit_status
+from model_exploration import evaluation, unpadded
+from model_exploration.encoding import encode_fast
+from model_exploration.errors import UserError, exit_status
 
-logger = logging.getLogger("evaluate")
+logger = logging.getLogger("compare")
 DONE_FILE = "evaluated.json"
 
 
