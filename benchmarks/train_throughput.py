@@ -50,7 +50,8 @@ from transformers import AutoTokenizer, BertConfig, BertModel, TrainerCallback
 from model_exploration import pretokenize, throughput, unpadded
 from model_exploration.cli import offline_minilm_path
 from model_exploration.encoding import encode_fast
-from model_exploration.training import MixtureTrainer, TokenCounter, bf16_supported
+from model_exploration.models import bf16_native, compute_dtype
+from model_exploration.training import MixtureTrainer, TokenCounter
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,7 +133,7 @@ class PlainTrainer(SentenceTransformerTrainer):
 def training_args(out: Path, cfg: argparse.Namespace, device: torch.device) -> SentenceTransformerTrainingArguments:
     return SentenceTransformerTrainingArguments(
         output_dir=str(out), per_device_train_batch_size=cfg.batch_size, max_steps=cfg.warmup + cfg.steps,
-        learning_rate=1e-5, warmup_steps=0, bf16=bf16_supported(), use_cpu=device.type == "cpu",
+        learning_rate=1e-5, warmup_steps=0, bf16=bf16_native(device), use_cpu=device.type == "cpu",
         report_to="none", save_strategy="no", logging_steps=10**9, seed=cfg.seed, disable_tqdm=True,
     )  # fmt: skip
 
@@ -201,7 +202,7 @@ def time_encoding(model_dir: Path, passages: list[str], cfg, device, ours: bool,
     model = SentenceTransformer(str(model_dir), device=str(device))
     model.max_seq_length = cfg.max_len
     if device.type == "cuda":
-        model = model.to(throughput.training_dtype(device))
+        model = model.to(compute_dtype(device))
     if ours:
         unpadded.enable_unpadded(model)
 
@@ -267,7 +268,7 @@ def main() -> None:
     tokens = pretokenize.tokenize_columns(texts, tokenizer, cfg.max_len)
     pretokenize_rate = len(texts) / (time.perf_counter() - start)
     peak_flops = throughput.matmul_peak_flops(device, size=4096 if device.type == "cpu" else None)
-    dtype = throughput.training_dtype(device)
+    dtype = compute_dtype(device)
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"device: {name}; matmul peak {peak_flops / 1e12:.2f} TFLOP/s ({str(dtype).removeprefix('torch.')}); "
           f"preset {cfg.preset}; batch {cfg.batch_size}, max_len {cfg.max_len}, {cfg.warmup}+{cfg.steps} steps")  # fmt: skip

@@ -105,10 +105,15 @@ class BinaryAwareMNRLoss(MultipleNegativesRankingLoss):
 
 
 class SurrogateStepCallback(TrainerCallback):
-    """Keeps the surrogate's step equal to the trainer's global step (restored on resume)."""
+    """Keeps the surrogate's step equal to the trainer's global step (restored on resume) and sizes the beta
+    anneal to `anneal_ratio` of the run's optimizer steps, which the trainer knows once training begins."""
 
-    def __init__(self, surrogate: BinarySurrogate):
+    def __init__(self, surrogate: BinarySurrogate, anneal_ratio: float = 0.8):
         self.surrogate = surrogate
+        self.anneal_ratio = anneal_ratio
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.surrogate.anneal_steps = max(1, round(self.anneal_ratio * state.max_steps))
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.surrogate.step = state.global_step

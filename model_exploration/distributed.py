@@ -3,7 +3,10 @@
 Semantics, named explicitly:
 - Rank and world size come from torchrun's environment (RANK / WORLD_SIZE / LOCAL_RANK); plain `python` is one
   process and every helper degrades to a no-op.
-- Caches are built by global rank 0 only (`rank0_first`); the others wait at a barrier and then read them.
+- Caches are built by global rank 0 only (`rank0_first`); the others wait at a barrier and then read them. That
+  barrier runs on a separate CPU (gloo) group whose timeout is `--build_wait_minutes`: fetching and building can
+  take hours, which must not trip the training collectives' `--ddp_timeout_minutes` (NCCL's watchdog would kill
+  the job), and those keep their short timeout so a dead rank still ends a job quickly.
 - The process group is created by the HF Trainer's accelerator (NCCL on GPU, gloo on CPU); we create it earlier
   ourselves only so that the cache barrier exists before the Trainer does.
 """
@@ -35,14 +38,21 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def init_process_group(timeout_minutes: float) -> None:
-    """Join torchrun's group (no-op for one process). The timeout bounds how long a dead peer can hang the rest."""
+_build_group = None  # the CPU group of the rank-0-first barrier (long timeout)
+
+
+def init_process_group(timeout_minutes: float, build_wait_minutes: float | None = None) -> None:
+    """Join torchrun's group (no-op for one process). `timeout_minutes` bounds how long a dead peer can hang the
+    training collectives; `build_wait_minutes` how long ranks wait for rank 0's fetches and cache builds."""
+    global _build_group
     if world_size() == 1 or dist.is_initialized():
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    wait = datetime.timedelta(minutes=build_wait_minutes or timeout_minutes)
+    _build_group = dist.new_group(backend="gloo", timeout=wait)
 
 
 def barrier() -> None:
@@ -54,11 +64,11 @@ def barrier() -> None:
 def rank0_first() -> Iterator[bool]:
     """Rank 0 runs the body first (downloads, builds caches); the others run it after the barrier, reading the
     cache rank 0 left. Yields whether this process is rank 0."""
-    if not is_main_process():
-        barrier()
+    if not is_main_process() and dist.is_available() and dist.is_initialized():
+        dist.barrier(group=_build_group)
     yield is_main_process()
-    if is_main_process():
-        barrier()
+    if is_main_process() and dist.is_available() and dist.is_initialized():
+        dist.barrier(group=_build_group)
 
 
 def broadcast_object(obj):

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from model_exploration.models import bf16_native
+
 TOKENIZE_CHUNK = 4096
 
 
@@ -84,7 +86,7 @@ def encode_fast(
     lengths = np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))
     batches = token_budget_batches(lengths, token_budget)
     device = model.device
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    use_bf16 = bf16_native(device)
     out = torch.empty(len(texts), model.get_embedding_dimension())
     model.eval()
     progress = tqdm(total=len(texts), desc="Encoding", disable=not show_progress_bar, unit="text")

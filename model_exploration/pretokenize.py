@@ -45,20 +45,30 @@ def _tokenize_batch(batch: dict[str, list[str]], tokenizer, max_length: int) -> 
     }
 
 
-def tokenize_columns(dataset: Dataset, tokenizer, max_length: int, desc: str | None = None) -> Dataset:
-    """Every text column replaced by its token ids (truncated to max_length, unpadded)."""
+def tokenize_columns(
+    dataset: Dataset, tokenizer, max_length: int, desc: str | None = None, num_proc: int = 1, work: Path | None = None
+) -> Dataset:
+    """Every text column replaced by its token ids (truncated to max_length, unpadded); intermediate Arrow files
+    go to `work` (default: beside the dataset's own files)."""
     return dataset.map(
-        _tokenize_batch, batched=True, fn_kwargs={"tokenizer": tokenizer, "max_length": max_length}, desc=desc
+        _tokenize_batch,
+        batched=True,
+        fn_kwargs={"tokenizer": tokenizer, "max_length": max_length},
+        desc=desc,
+        num_proc=num_proc if num_proc > 1 and len(dataset) >= 10_000 * num_proc else None,
+        cache_file_name=str(work / "tokens.arrow") if work else None,
     )
 
 
-def pretokenize_source(source: data.SourceData, tokenizer, max_length: int) -> tuple[Dataset, Dataset]:
+def pretokenize_source(
+    source: data.SourceData, tokenizer, max_length: int, num_proc: int = 1
+) -> tuple[Dataset, Dataset]:
     """(train, validation) of token ids with the same column names as the texts. Validation stays text (the
     evaluator encodes it), so only train is tokenized."""
     path = Path(source.cache_path) / f"tokens-{tokenizer_fingerprint(tokenizer, max_length)}"
 
     def build(tmp: Path) -> dict:
-        tokens = tokenize_columns(source.train, tokenizer, max_length, desc=f"tokenize {source.spec.name}")
+        tokens = tokenize_columns(source.train, tokenizer, max_length, f"tokenize {source.spec.name}", num_proc, tmp)
         DatasetDict({"train": tokens}).save_to_disk(str(tmp / "data"))
         return {"train": len(tokens)}
 

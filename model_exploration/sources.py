@@ -1,8 +1,10 @@
-"""Data mixtures as data: the source registries in mixtures/*.yaml, parsed into `SourceSpec`s.
+"""Data mixtures as data: the source registries in mixtures/*.yaml, parsed into `SourceSpec`s. Pure: no I/O
+beyond reading the registry file (fetching is model_exploration/fetch.py, reading and caching data.py).
 
-A registry lists sources with where they live (hub id / config / data_dir / data_files, or a local loader), which
-columns become anchor / positive / negative, and a weight. `weight` is the expected number of passes over a
-source per epoch, so a batch comes from source i with probability proportional to weight_i x size_i.
+A registry lists sources with how they are fetched (`fetch`) and where they live (hub id / config / data_dir /
+data_files, or a local file), which columns become anchor / positive / negative, and a weight. `weight` is the
+expected number of passes over a source per epoch, so a batch comes from source i with probability proportional
+to weight_i x size_i.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from model_exploration.errors import UserError
 
 MIXTURES_DIR = Path(__file__).resolve().parent / "mixtures"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-LOADERS = ("hub", "jsonl", "arxiv_kaggle")
+FETCH_WAYS = ("hub", "parquet_export", "pubmed_baseline", "kaggle", "jsonl")
 CLEANERS = ("strip_xml", "normalize_whitespace")
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
     name: str
-    loader: str = "hub"
+    fetch: str = "hub"
     hub: str | None = None
     config: str | None = None
     data_dir: str | None = None
@@ -40,9 +42,15 @@ class SourceSpec:
     weight: float = 1.0
     enabled: bool = True
     expand_configs: bool = False
-    # Stage-1 replay: the specs it samples from and how many rows each.
+    # why the columns could not be checked against a public card (shown by --dry_run)
+    unverified: str | None = None
+    # Stage-1 replay: the specs it samples from and how many rows of each (None: every row)
     replay_of: tuple[SourceSpec, ...] = ()
     rows_per_source: int | None = None
+
+    @property
+    def is_triplet(self) -> bool:
+        return self.negative is not None
 
     @property
     def columns(self) -> list[str]:
@@ -62,8 +70,10 @@ class SourceSpec:
 
     def describe(self) -> str:
         if self.replay_of:
-            return f"replay of {len(self.replay_of)} Stage-1 sources x {self.rows_per_source} rows"
-        where = self.hub or self.data_files or "?"
+            rows = f"{self.rows_per_source} random rows" if self.rows_per_source else "every row"
+            return f"replay: {rows} of each of {len(self.replay_of)} Stage-1 sources (anchor, positive)"
+        fixed = {"pubmed_baseline": "NCBI PubMed baseline", "kaggle": "Kaggle Cornell-University/arxiv"}
+        where = f"{self.fetch}: " + (self.hub or self.data_files or fixed.get(self.fetch, "?"))
         if self.config:
             where += f" [{self.config}]"
         if self.data_files and self.hub:
@@ -73,7 +83,8 @@ class SourceSpec:
             if self.pair_from_list
             else " -> ".join(c for c in (self.anchor, self.positive, self.negative) if c)
         )
-        return f"{where}: {cols}"
+        unverified = f"  [schema unverified: {self.unverified}]" if self.unverified else ""
+        return f"{where}: {cols}{unverified}"
 
 
 def _parse_source(raw: dict[str, Any], registry: str) -> SourceSpec:
@@ -83,12 +94,16 @@ def _parse_source(raw: dict[str, Any], registry: str) -> SourceSpec:
     if unknown:
         raise UserError(f"{registry}: source {name!r} has unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
     spec = SourceSpec(**{k: (str(v) if k == "config" else v) for k, v in raw.items()})
-    if spec.loader not in LOADERS:
-        raise UserError(f"{registry}: source {name!r} has loader {spec.loader!r}; use one of {LOADERS}")
-    if spec.loader == "hub" and not spec.hub:
-        raise UserError(f"{registry}: source {name!r} needs `hub` (a dataset id) or a local `loader`")
-    if spec.loader != "hub" and not spec.data_files:
-        raise UserError(f"{registry}: source {name!r} (loader {spec.loader}) needs `data_files`")
+    if spec.fetch not in FETCH_WAYS:
+        raise UserError(f"{registry}: source {name!r} has fetch {spec.fetch!r}; use one of {FETCH_WAYS}")
+    if spec.fetch in ("hub", "parquet_export") and not spec.hub:
+        raise UserError(f"{registry}: source {name!r} (fetch {spec.fetch}) needs `hub` (a dataset id)")
+    if spec.fetch == "jsonl" and not spec.data_files:
+        raise UserError(f"{registry}: source {name!r} (fetch jsonl) needs `data_files`")
+    if spec.expand_configs and spec.fetch != "parquet_export":
+        raise UserError(
+            f"{registry}: source {name!r}: expand_configs lists the parquet export's configs; set fetch: parquet_export"
+        )
     if not spec.pair_from_list and not (spec.anchor and spec.positive):
         raise UserError(f"{registry}: source {name!r} needs `anchor` and `positive` columns (or `pair_from_list`)")
     if spec.clean and spec.clean not in CLEANERS:
@@ -127,9 +142,27 @@ def _select(specs: list[SourceSpec], enable: list[str] | None, disable: list[str
 
 
 def build_dataset_configs_s1(enable: list[str] | None = None, disable: list[str] | None = None) -> list[SourceSpec]:
-    """Stage-1 sources. Configs marked `expand_configs` are resolved later (they need the hub)."""
+    """Stage-1 sources. `expand_configs` sources become one source per hub config when fetched (fetch.Mirror)."""
     specs, _ = load_registry("1")
     return _select(specs, enable, disable)
+
+
+def stage1_replay(
+    weight: float, rows_per_source: int | None, include_triplets: bool = False, name: str = "stage1_replay"
+) -> SourceSpec:
+    """The anti-forgetting share of Stage 2: a seeded random sample of `rows_per_source` rows (None: every row)
+    spread over each whole Stage-1 pair source, merged into one (anchor, positive) source. Triplet sources are
+    left out unless `include_triplets` (then their anchor and positive only), as the original replayed only the
+    pair sources of Stage 1."""
+    members = tuple(s for s in build_dataset_configs_s1() if include_triplets or not s.is_triplet)
+    return SourceSpec(
+        name=name,
+        anchor="anchor",
+        positive="positive",
+        weight=weight,
+        replay_of=members,
+        rows_per_source=rows_per_source,
+    )
 
 
 def build_dataset_configs_s2(
@@ -138,25 +171,21 @@ def build_dataset_configs_s2(
     sde_weight_scale: float = 1.0,
     stage1_replay_weight: float | None = None,
     arxiv_path: str | None = None,
+    replay_rows_per_source: int | None = None,
+    replay_triplets: bool = False,
 ) -> list[SourceSpec]:
-    """Stage-2 sources plus the anti-forgetting replay of Stage 1, built from the Stage-1 registry."""
+    """Stage-2 sources plus the anti-forgetting replay of Stage 1, built from the Stage-1 registry.
+    `replay_rows_per_source`: None = the registry's, 0 = every row (the original's full replay)."""
     specs, extra = load_registry("2")
     replay_cfg = extra["stage1_replay"]
-    replay = SourceSpec(
-        name=replay_cfg["name"],
-        loader="hub",
-        hub="(stage-1 registry)",
-        anchor="anchor",
-        positive="positive",
-        weight=replay_cfg["weight"] if stage1_replay_weight is None else stage1_replay_weight,
-        replay_of=tuple(build_dataset_configs_s1()),
-        rows_per_source=int(replay_cfg["rows_per_source"]),
-    )
+    weight = replay_cfg["weight"] if stage1_replay_weight is None else stage1_replay_weight
+    rows = int(replay_cfg["rows_per_source"]) if replay_rows_per_source is None else replay_rows_per_source
+    replay = stage1_replay(weight, rows or None, replay_triplets, name=replay_cfg["name"])
     adjusted = []
     for spec in specs:
         if spec.name == "nasa_sde_st_corpus":
             spec = dataclasses.replace(spec, weight=spec.weight * sde_weight_scale)
-        if spec.loader == "arxiv_kaggle" and arxiv_path:
+        if spec.fetch == "kaggle" and arxiv_path:
             spec = dataclasses.replace(spec, data_files=arxiv_path)
         adjusted.append(spec)
     selected = _select(adjusted + [replay], enable, disable)
@@ -172,7 +201,7 @@ def build_dataset_configs_file(
     specs, _ = _read_registry(path)
     specs = [
         dataclasses.replace(s, data_files=str(path.parent / s.data_files))
-        if s.loader != "hub" and not Path(s.data_files).is_absolute()
+        if s.fetch == "jsonl" and not Path(s.data_files).is_absolute()
         else s
         for s in specs
     ]
@@ -182,22 +211,3 @@ def build_dataset_configs_file(
 def build_dataset_configs_sample(enable: list[str] | None = None, disable: list[str] | None = None) -> list[SourceSpec]:
     specs, _ = load_registry("sample")
     return _select(specs, enable, disable)
-
-
-def expand_hub_configs(spec: SourceSpec) -> list[SourceSpec]:
-    """One spec per hub config for `expand_configs` sources (needs the hub); others pass through."""
-    if not spec.expand_configs:
-        return [spec]
-    from datasets import get_dataset_config_names
-
-    try:
-        configs = get_dataset_config_names(spec.hub)
-    except Exception as exc:  # noqa: BLE001 - any hub failure becomes one actionable line
-        raise UserError(
-            f"source {spec.name!r}: cannot list the configs of {spec.hub} ({type(exc).__name__}); "
-            "check the network / HF_HUB_OFFLINE, or drop it with --disable_sources"
-        ) from None
-    return [
-        dataclasses.replace(spec, name=f"{spec.name}/{config}", config=config, expand_configs=False)
-        for config in configs
-    ]

@@ -12,27 +12,25 @@ group -> pick the run folder -> load the model -> build/read the source caches (
 from __future__ import annotations
 
 import logging
-import math
 import sys
 import time
 from pathlib import Path
 
 import torch
 from datasets import DatasetDict
-from sentence_transformers import (
-    SentenceTransformer,
-    SentenceTransformerTrainingArguments,
-)
+from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
 from sentence_transformers.sentence_transformer.losses import (
     CachedMultipleNegativesRankingLoss,
     MultipleNegativesRankingLoss,
 )
-from sentence_transformers.util.distributed import distributed_evaluation
 
-from model_exploration import binary, cli, distributed, evaluation, pretokenize, tracking, unpadded
+from model_exploration import binary, cli, distributed, evaluation, pretokenize, reporting, tracking, unpadded
+from model_exploration.benchmarks import load_benchmarks
 from model_exploration.data import cache_path_for
 from model_exploration.errors import UserError, exit_status
-from model_exploration.training import MixtureTrainer, PreemptionCallback, bf16_supported
+from model_exploration.fetch import Mirror, default_root
+from model_exploration.models import bf16_native, load_sentence_transformer
+from model_exploration.training import MixtureTrainer, PreemptionCallback
 from model_exploration.utils import (
     build_dataset_configs_file,
     build_dataset_configs_s1,
@@ -52,24 +50,72 @@ def mixture_specs(args):
         return build_dataset_configs_s1(args.enable_sources, args.disable_sources)
     if args.stage == "2":
         return build_dataset_configs_s2(
-            args.enable_sources, args.disable_sources, args.sde_weight_scale, args.stage1_replay_weight, args.arxiv_path
+            args.enable_sources,
+            args.disable_sources,
+            args.sde_weight_scale,
+            args.stage1_replay_weight,
+            args.arxiv_path,
+            args.stage1_replay_rows,
+            args.stage1_replay_triplets,
         )
     return build_dataset_configs_sample(args.enable_sources, args.disable_sources)
 
 
-def print_plan(specs, args, cache_dir: Path) -> None:
+def prefetch_command(args) -> str:
+    """The login-node command that fetches what this run reads (named in every 'not in the mirror' error)."""
+    what = f"--mixture {args.mixture}" if args.mixture else f"--stage {args.stage}"
+    nrows = f" --nrows {args.nrows}" if args.nrows else ""
+    return f"python data_prep/prefetch.py {what}{nrows}"
+
+
+def make_mirror(args, cache_dir: Path) -> Mirror:
+    """--hub_dir: read only from it (air-gapped nodes); else <cache_dir>/hub, filled on demand by rank 0."""
+    root = args.hub_dir or default_root(cache_dir)
+    return Mirror(root, offline=bool(args.hub_dir), prefetch_hint=prefetch_command(args))
+
+
+def print_plan(specs, args, cache_dir: Path, mirror: Mirror) -> None:
+    """What a run would train on, offline: sources, columns, weights, where each sits in the mirror, cache paths."""
     total_weight = sum(s.weight for s in specs)
     print(f"{args.mixture or 'stage ' + args.stage}: {len(specs)} sources; a batch comes from source i with p ~ weight_i x size_i "
           f"(sizes are known once loaded; weight share shown)")  # fmt: skip
-    print(f"{'source':48} {'weight':>8} {'w-share':>8}  columns / location / cache")
+    print(f"mirror: {mirror.root} ({'read only: --hub_dir' if mirror.offline else 'filled on demand by rank 0'})")
+    print(f"{'source':48} {'weight':>8} {'w-share':>8}  fetch / columns / mirror / cache")
     for s in specs:
-        expand = "  (one source per hub config, expanded at build time)" if s.expand_configs else ""
+        expand = "  (one source per config of the parquet export)" if s.expand_configs else ""
         print(f"{s.name:48} {s.weight:8.3f} {s.weight / total_weight:8.2%}  {s.describe()}{expand}")
+        if not s.replay_of:
+            print(f"{'':67}mirror: {mirror.describe(s, args.nrows)}")
         print(
             f"{'':67}cache: {cache_path_for(cache_dir, s, args.nrows, args.seed, args.max_datapoints_per_src_for_eval)}"
         )
         for member in s.replay_of:
             print(f"{'':67}replays {member.name}: {member.describe()}")
+            print(f"{'':71}mirror: {mirror.describe(member, args.nrows)}")
+        if s.replay_of:
+            left_out = [m.name for m in build_dataset_configs_s1() if m.is_triplet and m not in s.replay_of]
+            if left_out:
+                print(
+                    f"{'':67}not replayed (triplet sources; --stage1_replay_triplets adds them): {', '.join(left_out)}"
+                )
+    print(f"benchmarks: {' '.join(args.eval_benchmarks) or 'none'}")
+
+
+def build_caches(specs, args, cache_dir: Path, mirror: Mirror) -> None:
+    """--build_caches_only: every source cache (and token cache with --pretokenize) in this process, then a table."""
+    if distributed.world_size() > 1:
+        raise UserError("--build_caches_only runs in one process: start it with python, not torchrun")
+    started = time.perf_counter()
+    sources = load_and_cache_datasets(specs, cache_dir, args.nrows, args.seed, args.max_datapoints_per_src_for_eval,
+                                      args.n_data_src, mirror, args.num_proc)  # fmt: skip
+    if args.pretokenize:
+        model, _ = load_model(args, mirror)
+        for s in sources:
+            pretokenize.pretokenize_source(s, model.tokenizer, model.max_seq_length, args.num_proc)
+    print(f"{'source':48} {'train':>10} {'val':>6} {'dropped':>8}  cache")
+    for s in sources:
+        print(f"{s.spec.name:48} {len(s.train):10d} {len(s.validation):6d} {s.dropped_empty:8d}  {s.cache_path}")
+    print(f"{len(sources)} source caches ready in {time.perf_counter() - started:.0f} s under {cache_dir}")
 
 
 def resolve_output_dir(args) -> tuple[Path, str | None]:
@@ -93,18 +139,10 @@ def resolve_output_dir(args) -> tuple[Path, str | None]:
     return Path(args.output_base) / name, None
 
 
-def load_model(args) -> tuple[SentenceTransformer, int]:
+def load_model(args, mirror: Mirror) -> tuple[SentenceTransformer, int]:
     """The model with max_seq_length set for training, and its own max_seq_length (the evaluation default)."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     with distributed.rank0_first():  # one download, then the others read the hub cache
-        try:
-            model = SentenceTransformer(args.model_name, device=device)
-        except Exception as exc:  # noqa: BLE001 - any loading failure becomes one actionable line
-            where = "local folder" if Path(args.model_name).exists() else "hub id (not a local folder)"
-            raise UserError(
-                f"--model_name {args.model_name}: cannot load it as a {where} ({type(exc).__name__}); "
-                "pass a SentenceTransformer folder or a reachable hub id"
-            ) from None
+        model = load_sentence_transformer(mirror.model(args.model_name))
     native_max_len = model.max_seq_length
     wanted = args.model_max_len or (native_max_len if args.stage == "sample" else cli.DEFAULT_MAX_LEN)
     limit = getattr(model[0].auto_model.config, "max_position_embeddings", wanted)
@@ -134,40 +172,6 @@ def build_loss(args, model, surrogate: binary.BinarySurrogate | None):
     return MultipleNegativesRankingLoss(model, gather_across_devices=gather)
 
 
-def benchmark_rows(
-    model, benchmarks, batch_size: int, max_seq_length: int, precisions: tuple[str, ...]
-) -> dict[str, dict]:
-    """Benchmark a model on every rank together: rank 0 runs the evaluator, the others serve its encoding."""
-    if not benchmarks:
-        return {}
-    rows = {}
-    with distributed_evaluation(model) as runs_evaluator:
-        if runs_evaluator:
-            evaluator = evaluation.RetrievalEvaluator(
-                benchmarks,
-                batch_size=batch_size,
-                max_seq_length=max_seq_length,
-                show_progress_bar=True,
-                precisions=precisions,
-            )
-            rows = evaluator.compute_rows(model)
-    return distributed.broadcast_object(rows)
-
-
-def final_benchmark_rows(
-    trainer, evaluator, benchmarks, batch_size: int, max_seq_length: int, precisions
-) -> dict[str, dict]:
-    """The final model's benchmark rows: those of the trainer's evaluation at the last step when there was one
-    (transformers evaluates at the end of a run), else computed now. Rank 0 holds the evaluator's rows."""
-    members = getattr(evaluator, "evaluators", [evaluator])
-    in_training = next((e for e in members if getattr(e, "name", None) == "benchmarks"), None)
-    fresh = in_training is not None and in_training.last_step == trainer.state.global_step
-    rows = distributed.broadcast_object(in_training.last_rows if fresh else None)
-    return (
-        rows if rows is not None else benchmark_rows(trainer.model, benchmarks, batch_size, max_seq_length, precisions)
-    )
-
-
 def training_arguments(args, output_dir: Path, has_evaluator: bool) -> SentenceTransformerTrainingArguments:
     """Identical on every rank (rank-dependent arguments deadlock DDP)."""
     return SentenceTransformerTrainingArguments(
@@ -182,7 +186,7 @@ def training_arguments(args, output_dir: Path, has_evaluator: bool) -> SentenceT
         warmup_steps=args.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
         weight_decay=args.weight_decay,
         lr_scheduler_type=args.lr_scheduler_type,
-        bf16=bf16_supported(),  # autocast; master weights stay fp32
+        bf16=bf16_native(),  # autocast; master weights stay fp32
         use_cpu=not torch.cuda.is_available(),
         eval_strategy="steps" if has_evaluator else "no",
         eval_steps=args.eval_and_save_steps,
@@ -203,36 +207,36 @@ def run(argv: list[str] | None = None) -> None:
     tracking.load_env()
     specs = mixture_specs(args)
     cache_dir = Path(args.cache_dir or Path(args.output_base) / "cache")
+    mirror = make_mirror(args, cache_dir)
     if args.dry_run:
-        print_plan(specs, args, cache_dir)
+        print_plan(specs, args, cache_dir, mirror)
+        return
+    if args.build_caches_only:
+        build_caches(specs, args, cache_dir, mirror)
         return
 
     tracking.check_wandb_credentials(args.wb_mode)
-    distributed.init_process_group(args.ddp_timeout_minutes)
+    distributed.init_process_group(args.ddp_timeout_minutes, args.build_wait_minutes)
     output_dir, resume_from = resolve_output_dir(args)
-    model, native_max_len = load_model(args)
+    model, native_max_len = load_model(args, mirror)
+    with distributed.rank0_first():  # rank 0 fetches what the mirror lacks; the others then read it
+        benchmarks = [b for spec in args.eval_benchmarks for b in load_benchmarks(spec, mirror)]
     if distributed.is_main_process():  # only once the inputs are known good: no half-made run folders
         output_dir.mkdir(parents=True, exist_ok=True)
         tracking.save_args(vars(args), output_dir)
         if args.wb_mode != "disabled":
             tracking.init_wandb(args, output_dir, vars(args))
-    eval_max_len = args.eval_max_len or native_max_len
 
-    sources = load_and_cache_datasets(
-        specs, cache_dir, args.nrows, args.seed, args.max_datapoints_per_src_for_eval, args.n_data_src
-    )
+    sources = load_and_cache_datasets(specs, cache_dir, args.nrows, args.seed, args.max_datapoints_per_src_for_eval,
+                                      args.n_data_src, mirror, args.num_proc)  # fmt: skip
     for s in sources:
-        logger.info(
-            "source %-40s train %8d  val %4d  dropped(empty) %d",
-            s.spec.name,
-            len(s.train),
-            len(s.validation),
-            s.dropped_empty,
-        )
+        logger.info("source %-40s train %8d  val %4d  dropped(empty) %d",
+                    s.spec.name, len(s.train), len(s.validation), s.dropped_empty)  # fmt: skip
     collator_kwargs = {}
     if args.pretokenize:
         train_sets = {
-            s.spec.name: pretokenize.pretokenize_source(s, model.tokenizer, model.max_seq_length)[0] for s in sources
+            s.spec.name: pretokenize.pretokenize_source(s, model.tokenizer, model.max_seq_length, args.num_proc)[0]
+            for s in sources
         }
         collator_kwargs["data_collator"] = pretokenize.PretokenizedCollator(
             preprocess_fn=model.preprocess, tokenizer=model.tokenizer
@@ -240,24 +244,22 @@ def run(argv: list[str] | None = None) -> None:
     else:
         train_sets = {s.spec.name: s.train for s in sources}
 
-    benchmarks = [b for spec in args.eval_benchmarks for b in evaluation.load_benchmarks(spec)]
     precisions = ("float32", "ubinary") if args.bat else ("float32",)
-    evaluator = prepare_evaluators(sources, benchmarks, args.eval_batch_size, eval_max_len, precisions)
-    before = (
-        benchmark_rows(model, benchmarks, args.eval_batch_size, eval_max_len, precisions)
-        if args.stage == "sample" and not resume_from
-        else {}
+    evaluator = prepare_evaluators(sources, benchmarks, args.eval_batch_size, args.eval_max_len or native_max_len,
+                                   precisions, args.ignore_identical_ids)  # fmt: skip
+    benchmark_evaluator = evaluation.member(evaluator, "benchmarks")
+    starting_rows = (
+        evaluation.benchmark_rows(model, benchmark_evaluator) if args.stage == "sample" and not resume_from else {}
     )
     surrogate = binary.BinarySurrogate(args.bat, args.bat_beta_start, args.bat_beta_end) if args.bat else None
-    loss = build_loss(args, model, surrogate)
-
     preemption = PreemptionCallback()
     trainer = MixtureTrainer(
         model=model,
         args=training_arguments(args, output_dir, evaluator is not None),
         train_dataset=DatasetDict(train_sets),
-        loss=loss,
-        callbacks=[preemption] + ([binary.SurrogateStepCallback(surrogate)] if surrogate else []),
+        loss=build_loss(args, model, surrogate),
+        callbacks=[preemption]
+        + ([binary.SurrogateStepCallback(surrogate, args.bat_anneal_ratio)] if surrogate else []),
         evaluator=evaluator,
         source_weights={s.spec.name: s.spec.weight for s in sources},
         same_source_global_batch=args.same_source_global_batch,
@@ -270,17 +272,6 @@ def run(argv: list[str] | None = None) -> None:
         else None,
         **collator_kwargs,
     )
-    train_dataloader = trainer.get_train_dataloader()
-    if surrogate:
-        total_steps = args.max_steps or math.ceil(
-            args.num_train_epochs * len(train_dataloader) / args.gradient_accumulation_steps
-        )
-        surrogate.anneal_steps = max(1, round(args.bat_anneal_ratio * total_steps))
-    sampler = train_dataloader.batch_sampler
-    sampler = getattr(sampler, "batch_sampler", sampler)  # under DDP, accelerate's per-rank shard wraps ours
-    for row in sampler.plan():
-        logger.info("mixture %-40s weight %7.3f size %8d batches/epoch %6d share %6.2f%%",
-                    row["source"], row["weight"], row["size"], row["batches"], 100 * row["share"])  # fmt: skip
     trainer.train(resume_from_checkpoint=resume_from)
     if preemption.stopped_at is not None:
         logger.warning("SIGTERM: saved checkpoint-%d; continue with --resume_checkpoint_path %s",
@@ -289,13 +280,13 @@ def run(argv: list[str] | None = None) -> None:
     final_dir = output_dir / "final"
     trainer.save_model(str(final_dir))
 
-    after = final_benchmark_rows(trainer, evaluator, benchmarks, args.eval_batch_size, eval_max_len, precisions)
-    if distributed.is_main_process() and after:
-        table = {f"{args.model_name} (before)": before} if before else {}
-        table[str(final_dir)] = after
+    final_rows = evaluation.final_benchmark_rows(trainer, benchmark_evaluator)
+    if distributed.is_main_process() and final_rows:
+        table = {f"{args.model_name} (before)": starting_rows} if starting_rows else {}
+        table[str(final_dir)] = final_rows
         # a run's results.json: benchmark -> metric -> value of its final model; the tables add the start
-        evaluation.write_results(table, output_dir, charts=False, json_payload=after)
-        print(evaluation.markdown_table(table))
+        reporting.write_results(table, output_dir, charts=False, json_payload=final_rows)
+        print(reporting.markdown_table(table))
     distributed.barrier()
 
 

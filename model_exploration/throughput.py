@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from model_exploration.models import compute_dtype
+
 
 @dataclass(frozen=True)
 class EncoderFlops:
@@ -37,17 +39,10 @@ class EncoderFlops:
         return 3 * self.forward(real_tokens, sum_sq_lengths)
 
 
-def training_dtype(device: torch.device) -> torch.dtype:
-    """The dtype our trainer's matmuls run in: bf16 autocast on CUDA with bf16 support, else fp32."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype | None = None, size: int | None = None) -> float:
     """Best FLOP/s of a square matmul on `device` in `dtype` (default: the training dtype): the MFU denominator,
     measured rather than taken from a spec sheet, so clocks, power caps and CPU cores are accounted for."""
-    dtype = dtype or training_dtype(device)
+    dtype = dtype or compute_dtype(device)
     size = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)

@@ -8,6 +8,7 @@ logging on rank 0) is the stock HF/sentence-transformers trainer.
 
 from __future__ import annotations
 
+import logging
 import signal
 import time
 
@@ -19,6 +20,8 @@ from transformers import TrainerCallback
 from model_exploration import distributed, throughput
 from model_exploration.lr_schedule import custom_lr_scheduler
 from model_exploration.sampler import WeightedSourceBatchSampler, make_source_batch_sampler
+
+logger = logging.getLogger(__name__)
 
 
 class MixtureTrainer(SentenceTransformerTrainer):
@@ -45,7 +48,7 @@ class MixtureTrainer(SentenceTransformerTrainer):
 
     def get_multi_dataset_batch_sampler(self, dataset, batch_samplers, generator=None, seed=0):
         names = list(self.source_weights)
-        return WeightedSourceBatchSampler(
+        sampler = WeightedSourceBatchSampler(
             dataset,
             batch_samplers,
             weights=[self.source_weights[n] for n in names],
@@ -54,6 +57,11 @@ class MixtureTrainer(SentenceTransformerTrainer):
             seed=seed,
             same_source_global_batch=self.same_source_global_batch,
         )
+        if distributed.is_main_process():
+            for row in sampler.plan():
+                logger.info("mixture %-40s weight %7.3f size %8d batches/epoch %6d share %6.2f%%",
+                            row["source"], row["weight"], row["size"], row["batches"], 100 * row["share"])  # fmt: skip
+        return sampler
 
     # -- schedule
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -142,7 +150,3 @@ class PreemptionCallback(TrainerCallback):
             control.should_training_stop = True
             self.stopped_at = state.global_step
         return control
-
-
-def bf16_supported() -> bool:
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()

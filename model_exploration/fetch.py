@@ -1,0 +1,589 @@
+"""Fetching: every source and benchmark is read from files in a local mirror, put there by one of five ways.
+
+Why a mirror: GPU nodes are often air-gapped, so `python data_prep/prefetch.py --out DIR` fetches on a login node
+exactly the files a mixture reads, and `--hub_dir DIR` (or ST_HUB_DIR) makes training read only from DIR. Without
+`--hub_dir`, the mirror is `<cache_dir>/hub` and global rank 0 fills it on demand with the same code; either way
+the rows a run trains on come from the same files read by the same function (`read_files`).
+
+Mirror layout (what each way writes; a manifest, written last, lists a set of files once all are there):
+
+    datasets/<org>/<name>/main/<path in repo>                   hub: a repo's files at their repo paths
+    datasets/<org>/<name>/parquet-export/<config>/<split>/NNNN.parquet
+                                                                the hub's parquet export (refs/convert/parquet)
+    datasets/<org>/<name>/<main|parquet-export>/_manifests/<config>/<split>.json
+    ncbi/pubmed/baseline/pubmedYYnNNNN.xml.gz                   NCBI's PubMed baseline
+    kaggle/Cornell-University/arxiv/arxiv-metadata-oai-snapshot.json
+    models/<org>/<name>/                                        models (snapshot)
+
+The ways (registry field `fetch`):
+- `hub`: a `datasets`-loadable hub repo; the files of (config, split) are resolved by `datasets`' own config
+  resolution (`load_dataset_builder`), so README `configs:`, `data_dir` and `data_files` mean what they mean there.
+- `parquet_export`: repos that still ship a loading script, which `datasets` 5 refuses; the hub's automatic export
+  holds them as parquet, one folder per config (the config list is that revision's folders).
+- `pubmed_baseline`: NCBI's baseline (model_exploration/pubmed.py), md5-checked.
+- `kaggle`: the arXiv snapshot through the Kaggle API (credentials from .env).
+- `jsonl`: a local JSON-lines file (bundled sample, a user's own data); nothing to fetch.
+With `--nrows N`, hub files are fetched as their first N rows only (read through HTTP range requests), the first
+PubMed file is fetched whole, and the manifest records `head_rows`, so a full run never mistakes a head for a source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from model_exploration import pubmed
+from model_exploration.errors import UserError
+from model_exploration.sources import SourceSpec
+
+logger = logging.getLogger(__name__)
+
+EXPORT_REVISION = "refs/convert/parquet"
+MANIFESTS = "_manifests"
+CONFIGS_FILE = "_configs.json"
+KAGGLE_DATASET = "Cornell-University/arxiv"
+KAGGLE_FILE = "arxiv-metadata-oai-snapshot.json"
+FORMATS = ("parquet", "json", "csv", "pubmed_xml", "arxiv_json")
+_DATA_SUFFIX = re.compile(r"\.(parquet|jsonl?|csv|tsv)(\.gz|\.zst|\.bz2|\.xz)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class FileSet:
+    """The files of one source split in the mirror, as a manifest records them."""
+
+    format: str
+    paths: list[Path]
+    head_rows: int | None = None
+    revision: str | None = None
+
+    def serves(self, nrows: int | None) -> bool:
+        """Whether these files hold what a run reading `nrows` rows (None: all) needs."""
+        return self.head_rows is None or (nrows is not None and nrows <= self.head_rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What to fetch for one source split: where, which files, in which format."""
+
+    checkout: Path  # mirror folder the paths are relative to
+    key: str  # manifest name inside the checkout
+    format: str
+    remote: list[str]  # hub paths in repo, or URLs
+    revision: str | None = None
+    repo: str | None = None
+    md5: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def local(self, remote: str) -> str:
+        return urllib.parse.urlparse(remote).path.rsplit("/", 1)[-1] if "://" in remote else remote
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def hub_checkout(repo: str, export: bool) -> Path:
+    return Path("datasets") / repo / ("parquet-export" if export else "main")
+
+
+def _manifest_path(root: Path, checkout: Path, key: str) -> Path:
+    return root / checkout / MANIFESTS / f"{key}.json"
+
+
+def source_location(spec: SourceSpec) -> tuple[Path, str]:
+    """(mirror checkout, manifest key) of a source's split; pure, so a dry run can show it offline."""
+    if spec.fetch == "pubmed_baseline":
+        return Path("ncbi/pubmed/baseline"), "baseline"
+    if spec.fetch == "kaggle":
+        return Path("kaggle") / KAGGLE_DATASET, "snapshot"
+    key = f"{spec.config or 'default'}/{spec.split}"
+    if spec.data_dir or spec.data_files:  # the same repo read through other files is another file set
+        key += "-" + hashlib.sha256(f"{spec.data_dir}|{spec.data_files}".encode()).hexdigest()[:8]
+    return hub_checkout(spec.hub, spec.fetch == "parquet_export"), key
+
+
+def files_key(paths: list[str]) -> str:
+    """Manifest name of a fixed set of repo files (a BEIR folder in a hub repo)."""
+    return "files-" + hashlib.sha256("|".join(paths).encode()).hexdigest()[:8]
+
+
+class Mirror:
+    """Source, benchmark and model files on local disk. `offline`: only read (a --hub_dir prepared by
+    prefetch.py); otherwise missing files are fetched (call from one process: rank 0 builds caches)."""
+
+    def __init__(self, root: str | Path, offline: bool, prefetch_hint: str = "python data_prep/prefetch.py"):
+        self.root = Path(root)
+        self.offline = offline
+        self.prefetch_hint = prefetch_hint
+
+    # ------------------------------------------------------------ sources
+
+    def describe(self, spec: SourceSpec, nrows: int | None = None) -> str:
+        """One line for a dry run: where the source sits in the mirror and whether it is there."""
+        if spec.fetch == "jsonl" or (spec.fetch == "kaggle" and spec.data_files):
+            return f"local file {spec.local_path()}" + ("" if spec.local_path().exists() else " (MISSING)")
+        if spec.expand_configs:
+            listing = self.root / hub_checkout(spec.hub, export=True) / CONFIGS_FILE
+            if not listing.exists():
+                return f"{listing.parent}: config list not fetched"
+            members = self.expand(spec)
+            fetched = sum(self._read_manifest(*source_location(m)) is not None for m in members)
+            return f"{listing.parent}: {len(members)} configs, {fetched} fetched"
+        checkout, key = source_location(spec)
+        found = self._read_manifest(checkout, key)
+        if found is None:
+            state = "not fetched"
+        elif not found.serves(nrows):
+            state = f"only the first {found.head_rows} rows fetched"
+        else:
+            head = f", first {found.head_rows} rows" if found.head_rows else ""
+            state = f"{len(found.paths)} file(s){head}"
+        return f"{self.root / checkout} [{key}]: {state}"
+
+    def source_files(self, spec: SourceSpec, nrows: int | None = None) -> FileSet:
+        """The files of a source split, fetched first when this mirror may fetch and they are missing."""
+        if spec.fetch == "jsonl":
+            return FileSet("json", [spec.local_path()])
+        if spec.fetch == "kaggle" and spec.data_files:  # --arxiv_path: a snapshot downloaded by hand
+            if not spec.local_path().exists():
+                raise UserError(
+                    f"source {spec.name!r}: arXiv snapshot not found at {spec.local_path()}; download it with: "
+                    f"python data_prep/download_arxiv.py --out_dir {spec.local_path().parent}"
+                )
+            return FileSet("arxiv_json", [spec.local_path()])
+        checkout, key = source_location(spec)
+        found = self._read_manifest(checkout, key)
+        if found is not None and found.serves(nrows):
+            return found
+        if self.offline:
+            what = "is not in" if found is None else f"holds only its first {found.head_rows} rows in"
+            raise UserError(
+                f"source {spec.name!r} {what} the mirror {self.root} ({checkout}/{MANIFESTS}/{key}.json); fetch it on "
+                f"a machine with internet: {self.prefetch_hint} --out {self.root}"
+            )
+        return self._fetch(self._plan(spec, nrows), nrows if spec.fetch in ("hub", "parquet_export") else None)
+
+    def expand(self, spec: SourceSpec) -> list[SourceSpec]:
+        """One spec per hub config for `expand_configs` sources (their parquet export's folders); others as is."""
+        if not spec.expand_configs:
+            return [spec]
+        listing = self.root / hub_checkout(spec.hub, export=True) / CONFIGS_FILE
+        if listing.exists():
+            configs = json.loads(listing.read_text())
+        elif self.offline:
+            raise UserError(
+                f"source {spec.name!r}: the config list of {spec.hub} is not in the mirror {self.root} ({listing}); "
+                f"fetch it on a machine with internet: {self.prefetch_hint} --out {self.root}"
+            )
+        else:
+            configs = _hub_call(spec, lambda: _export_configs(spec.hub))
+            self.record_configs(spec.hub, configs)
+        return [
+            dataclasses.replace(spec, name=f"{spec.name}/{config}", config=config, expand_configs=False)
+            for config in configs
+        ]
+
+    def record(self, checkout: Path, key: str, fmt: str, files: list[str], revision=None, head_rows=None, repo=None):
+        """Write the manifest of a complete set of files (relative to the checkout): the mark that they are there."""
+        meta = {"format": fmt, "files": files, "revision": revision, "head_rows": head_rows, "repo": repo,
+                "fetched": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+        _write_json(_manifest_path(self.root, checkout, key), meta)
+
+    def record_configs(self, repo: str, configs: list[str]) -> None:
+        _write_json(self.root / hub_checkout(repo, export=True) / CONFIGS_FILE, configs)
+
+    def _read_manifest(self, checkout: Path, key: str) -> FileSet | None:
+        path = _manifest_path(self.root, checkout, key)
+        if not path.exists():
+            return None
+        try:
+            meta = json.loads(path.read_text())
+            files = [self.root / checkout / f for f in meta["files"]]
+        except (OSError, ValueError, KeyError):
+            return None  # a damaged manifest: fetched again (or reported missing offline)
+        if not all(f.exists() for f in files):
+            return None
+        return FileSet(meta["format"], files, meta.get("head_rows"), meta.get("revision"))
+
+    def _plan(self, spec: SourceSpec, nrows: int | None) -> _Plan:
+        checkout, key = source_location(spec)
+        if spec.fetch == "hub":
+            fmt, revision, paths = _hub_call(spec, lambda: _resolve_hub(spec))
+            return _Plan(checkout, key, fmt, paths, revision, spec.hub)
+        if spec.fetch == "parquet_export":
+            revision, paths = _hub_call(spec, lambda: _resolve_export(spec))
+            return _Plan(checkout, key, "parquet", paths, revision, spec.hub)
+        if spec.fetch == "pubmed_baseline":
+            return _pubmed_plan(spec, checkout, key, first_only=nrows is not None)
+        if spec.fetch == "kaggle":
+            return _Plan(checkout, key, "arxiv_json", [f"kaggle://{KAGGLE_DATASET}/{KAGGLE_FILE}"])
+        raise UserError(f"source {spec.name!r}: unknown fetch way {spec.fetch!r}")
+
+    def _fetch(self, plan: _Plan, head_rows: int | None) -> FileSet:
+        folder = self.root / plan.checkout
+        folder.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        local = []
+        for remote in plan.remote:
+            dest = folder / plan.local(remote)
+            if plan.repo is not None:
+                _fetch_hub_file(plan.repo, plan.revision, remote, folder, head_rows)
+            elif remote.startswith("kaggle://"):
+                fetch_kaggle_snapshot(dest)
+            else:
+                download_url(remote, dest, plan.md5.get(remote))
+            local.append(plan.local(remote))
+        if plan.repo is not None and plan.checkout.name == "main":
+            _fetch_card(plan.repo, plan.revision, folder)
+        self.record(plan.checkout, plan.key, plan.format, local, plan.revision, head_rows, plan.repo)
+        logger.info("fetched %s [%s]: %d file(s) in %.0f s", plan.checkout, plan.key, len(local),
+                    time.perf_counter() - started)  # fmt: skip
+        return FileSet(plan.format, [folder / f for f in local], head_rows, plan.revision)
+
+    # ------------------------------------------------------------ benchmarks and models
+
+    def hub_files(self, repo: str, paths: list[str], what: str) -> Path:
+        """Fixed files of a hub repo (a BEIR folder), fetched when missing; returns the checkout folder."""
+        checkout, key = hub_checkout(repo, export=False), files_key(paths)
+        if self._read_manifest(checkout, key) is None:
+            if self.offline:
+                raise UserError(
+                    f"{what}: {repo} is not in the mirror {self.root}; fetch it on a machine with internet: "
+                    f"{self.prefetch_hint} --out {self.root}"
+                )
+            try:
+                self._fetch(_Plan(checkout, key, "files", list(paths), None, repo), None)
+            except UserError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any hub failure becomes one actionable line
+                raise UserError(f"{what}: cannot fetch {repo} ({_reason(exc)}); check the network / HF token") from None
+        return self.root / checkout
+
+    def hub_split(self, repo: str, config: str, split: str, what: str) -> FileSet:
+        """The files of one (config, split) of a `datasets` hub repo (NanoBEIR's corpus / queries / qrels)."""
+        return self.source_files(SourceSpec(name=what, fetch="hub", hub=repo, config=config, split=split))
+
+    def model(self, name: str) -> str:
+        """A hub model id as a folder of this mirror (offline), else the name itself (a local folder, or an id
+        the hub serves)."""
+        if Path(name).exists() or not self.offline:
+            return name
+        folder = self.root / "models" / name
+        if not (folder / "modules.json").exists() and not (folder / "config.json").exists():
+            raise UserError(
+                f"--model_name {name}: not a local folder and not in the mirror {self.root} ({folder}); fetch it on a "
+                f"machine with internet: {self.prefetch_hint} --model_name {name} --out {self.root}"
+            )
+        return str(folder)
+
+    def fetch_model(self, name: str) -> Path:
+        from huggingface_hub import snapshot_download
+
+        folder = self.root / "models" / name
+        try:
+            snapshot_download(repo_id=name, local_dir=folder)
+        except Exception as exc:  # noqa: BLE001 - any hub failure becomes one actionable line
+            raise UserError(
+                f"--model_name {name}: cannot download it ({_reason(exc)}); check the id and token"
+            ) from None
+        return folder
+
+
+# ---------------------------------------------------------------- resolving what to fetch (online)
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0][:200] if text else "") or type(exc).__name__
+
+
+def _hub_call(spec: SourceSpec, call):
+    """Run a hub query for a source; any failure becomes one line naming the source and what to do."""
+    try:
+        return call()
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any hub failure becomes one actionable line
+        reason = _reason(exc)
+        if "scripts are no longer supported" in reason:
+            raise UserError(
+                f"source {spec.name!r}: {spec.hub} is a loading-script repo, which datasets 5 refuses; set "
+                "`fetch: parquet_export` for it in the mixture registry"
+            ) from None
+        where = f"{spec.hub}{f' [{spec.config}]' if spec.config else ''}"
+        raise UserError(
+            f"source {spec.name!r}: cannot reach hub dataset {where} ({reason}); check the id, network and HF token, "
+            "or drop it with --disable_sources"
+        ) from None
+
+
+_HF_URL = re.compile(r"^hf://datasets/(?P<repo>[^@]+)@(?P<rev>[^/]+)/(?P<path>.+)$")
+
+
+def _resolve_hub(spec: SourceSpec) -> tuple[str, str, list[str]]:
+    """(format, revision, paths in repo) of a source's split, by `datasets`' own resolution of the repo's configs."""
+    from datasets import load_dataset_builder
+
+    builder = load_dataset_builder(spec.hub, name=spec.config, data_dir=spec.data_dir, data_files=spec.data_files)
+    files = (builder.config.data_files or {}).get(spec.split)
+    if not files:
+        raise UserError(f"source {spec.name!r}: {spec.hub} has no split {spec.split!r}")
+    matches = [_HF_URL.match(str(f)) for f in files]
+    if not all(matches):
+        raise UserError(f"source {spec.name!r}: unexpected data file location {files[0]} for {spec.hub}")
+    if builder.name not in FORMATS:
+        raise UserError(f"source {spec.name!r}: {spec.hub} is served as {builder.name!r}; supported: {FORMATS[:3]}")
+    return builder.name, matches[0]["rev"], [urllib.parse.unquote(m["path"]) for m in matches]
+
+
+def _resolve_export(spec: SourceSpec) -> tuple[str, list[str]]:
+    """(revision, paths) of a config's split in the hub's parquet export. The export of a split over 5 GB holds
+    its first 5 GB as `partial-<split>`: used, with a warning."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    revision = api.dataset_info(spec.hub, revision=EXPORT_REVISION).sha
+    for folder in (f"{spec.config}/{spec.split}", f"{spec.config}/partial-{spec.split}"):
+        try:
+            entries = list(api.list_repo_tree(spec.hub, folder, revision=revision, repo_type="dataset"))
+        except Exception:  # noqa: BLE001 - folder absent: try the next name
+            continue
+        paths = sorted(e.path for e in entries if e.path.endswith(".parquet"))
+        if paths:
+            if "partial-" in folder:
+                logger.warning("source %s: the hub's parquet export holds only part of %s", spec.name, spec.hub)
+            return revision, paths
+    raise UserError(f"source {spec.name!r}: {spec.hub} has no parquet export of {spec.config}/{spec.split}")
+
+
+def _export_configs(repo: str) -> list[str]:
+    from huggingface_hub import HfApi
+
+    entries = HfApi().list_repo_tree(repo, revision=EXPORT_REVISION, repo_type="dataset")
+    return sorted(e.path for e in entries if not hasattr(e, "size"))  # folders have no size
+
+
+def _pubmed_plan(spec: SourceSpec, checkout: Path, key: str, first_only: bool) -> _Plan:
+    base = os.environ.get("ST_PUBMED_BASELINE_URL", pubmed.BASELINE_URL)
+    try:
+        with urllib.request.urlopen(base, timeout=60) as response:
+            listing = response.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError) as exc:
+        raise UserError(f"source {spec.name!r}: cannot list the PubMed baseline at {base} ({_reason(exc)})") from None
+    names = pubmed.baseline_files(listing)
+    if not names:
+        raise UserError(f"source {spec.name!r}: no pubmedYYnNNNN.xml.gz file listed at {base}")
+    names = names[:1] if first_only else names
+    urls = [urllib.parse.urljoin(base, n) for n in names]
+    md5 = {}
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url + ".md5", timeout=60) as response:
+                md5[url] = pubmed.parse_md5(response.read().decode("ascii", "replace"))
+        except (urllib.error.URLError, OSError):
+            logger.warning("source %s: no checksum for %s; downloading it unchecked", spec.name, url)
+    return _Plan(checkout, key, "pubmed_xml", urls, names[0][:8], md5=md5)
+
+
+# ---------------------------------------------------------------- fetching files (online)
+
+
+def _fetch_hub_file(repo: str, revision: str | None, path: str, checkout: Path, head_rows: int | None) -> None:
+    """One repo file into checkout/<path>: whole (huggingface_hub resumes an interrupted download) or, with
+    head_rows, its first rows only, read through HTTP range requests."""
+    from huggingface_hub import hf_hub_download
+
+    if head_rows is None or not _DATA_SUFFIX.search(path):
+        hf_hub_download(repo, path, repo_type="dataset", revision=revision, local_dir=checkout)
+        return
+    dest = checkout / path
+    if dest.exists():
+        return
+    from huggingface_hub import HfFileSystem
+
+    url = f"datasets/{repo}@{urllib.parse.quote(revision or 'main', safe='')}/{path}"
+    with HfFileSystem().open(url, "rb") as remote:
+        write_head(remote, dest, path, head_rows)
+
+
+def _fetch_card(repo: str, revision: str | None, checkout: Path) -> None:
+    """The dataset card (README.md) beside the data, for whoever reads the mirror offline; best effort."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(repo, "README.md", repo_type="dataset", revision=revision, local_dir=checkout)
+    except Exception:  # noqa: BLE001 - a repo without a card is still a source
+        logger.info("%s has no README.md", repo)
+
+
+def write_head(remote, dest: Path, name: str, rows: int) -> None:
+    """The first `rows` rows of a data file (parquet or JSON lines, gzip or not) as a file of the same format."""
+    tmp = dest.with_name(dest.name + ".part")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    if name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(remote)
+        batch = next(parquet.iter_batches(batch_size=rows), None)
+        table = pa.Table.from_batches([batch]) if batch is not None else parquet.schema_arrow.empty_table()
+        pq.write_table(table, tmp)
+    else:
+        source = gzip.open(remote, "rb") if name.endswith(".gz") else remote
+        with gzip.open(tmp, "wb") if name.endswith(".gz") else tmp.open("wb") as out:
+            for n, line in enumerate(source):
+                if n >= rows:
+                    break
+                out.write(line)
+    os.replace(tmp, dest)
+
+
+def download_url(url: str, dest: Path, md5: str | None = None, chunk: int = 1 << 20) -> None:
+    """HTTP(S) download that resumes a partial `.part` file (Range request) and checks an md5 if given."""
+    from tqdm.auto import tqdm
+
+    if dest.exists():
+        return
+    part = dest.with_name(dest.name + ".part")
+    part.parent.mkdir(parents=True, exist_ok=True)
+    have = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+    try:
+        response = urllib.request.urlopen(request, timeout=120)
+    except urllib.error.HTTPError as exc:
+        if exc.code != 416:  # 416: the .part already holds the whole file
+            raise UserError(f"download {url}: HTTP {exc.code}; check the address or retry later") from None
+        response = None
+    except (urllib.error.URLError, OSError) as exc:
+        raise UserError(f"download {url}: {_reason(exc)}; check the network and retry (it resumes)") from None
+    if response is not None:
+        with response:
+            if have and response.status != 206:  # the server ignored the range: start over
+                have = 0
+            total = have + int(response.headers.get("Content-Length") or 0)
+            with part.open("ab" if have else "wb") as f, tqdm(total=total or None, initial=have, unit="B",
+                                                             unit_scale=True, desc=dest.name) as bar:  # fmt: skip
+                while block := response.read(chunk):
+                    f.write(block)
+                    bar.update(len(block))
+    if md5:
+        digest = hashlib.md5()
+        with part.open("rb") as f:
+            while block := f.read(chunk):
+                digest.update(block)
+        if digest.hexdigest() != md5:
+            part.unlink()
+            raise UserError(f"download {url}: md5 mismatch (file deleted); run the command again")
+    os.replace(part, dest)
+
+
+def fetch_kaggle_snapshot(dest: Path) -> None:
+    """The arXiv snapshot through the Kaggle API. Large files arrive zipped (`<file>.zip`): unpacked here."""
+    from model_exploration.tracking import load_env
+
+    if dest.exists():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    load_env()
+    if (
+        not (os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"))
+        and not (Path.home() / ".kaggle" / "kaggle.json").exists()
+    ):
+        raise UserError(
+            "source 'arxiv': no Kaggle credentials: set KAGGLE_USERNAME and KAGGLE_KEY in .env, or create "
+            "~/.kaggle/kaggle.json"
+        )
+    try:
+        from kaggle.api.kaggle_api_extended import KaggleApi
+
+        api = KaggleApi()
+        api.authenticate()
+        api.dataset_download_file(KAGGLE_DATASET, KAGGLE_FILE, path=str(dest.parent))
+    except Exception as exc:  # noqa: BLE001 - any API failure becomes one actionable line
+        raise UserError(
+            f"source 'arxiv': Kaggle download of {KAGGLE_DATASET}/{KAGGLE_FILE} failed ({_reason(exc)})"
+        ) from None
+    zipped = dest.with_name(dest.name + ".zip")
+    if zipped.exists():
+        import zipfile
+
+        with zipfile.ZipFile(zipped) as archive:
+            archive.extract(KAGGLE_FILE, dest.parent)
+        zipped.unlink()
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------- reading (the same for every mirror)
+
+
+def _arxiv_rows(paths: list[str], limit: int | None = None):
+    """id, title, abstract of the Kaggle snapshot's JSON lines (its other fields mix types Arrow cannot hold)."""
+    n = 0
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                if limit is not None and n >= limit:
+                    return
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(f"source 'arxiv': malformed JSON at {path}:{lineno} ({exc.msg})") from None
+                n += 1
+                yield {
+                    "id": str(row.get("id") or ""),
+                    "title": row.get("title") or "",
+                    "abstract": row.get("abstract") or "",
+                }
+
+
+def _pubmed_rows(paths: list[str], limit: int | None = None):
+    for n, record in enumerate(pubmed.read_records(paths)):
+        if limit is not None and n >= limit:
+            return
+        yield record
+
+
+def read_files(files: FileSet, nrows: int | None, work_dir: Path, num_proc: int = 1):
+    """The rows of a file set as a `datasets.Dataset` (its real columns); the first `nrows` if given. Arrow
+    conversions go to `work_dir`, which the caller deletes once the source's cache is written."""
+    from datasets import Dataset, load_dataset
+
+    paths = [str(p) for p in files.paths]
+    cache = str(work_dir / "hf")
+    if files.format in ("pubmed_xml", "arxiv_json"):
+        generator = _pubmed_rows if files.format == "pubmed_xml" else _arxiv_rows
+        if nrows is not None:
+            return Dataset.from_generator(generator, gen_kwargs={"paths": paths[:1], "limit": nrows}, cache_dir=cache)
+        # datasets shards the list of paths across processes: one baseline file per task
+        procs = max(1, min(num_proc, len(paths)))
+        return Dataset.from_generator(generator, gen_kwargs={"paths": paths}, cache_dir=cache,
+                                      num_proc=procs if procs > 1 else None)  # fmt: skip
+    builder = "csv" if files.format == "csv" else files.format
+    kwargs = {"delimiter": "\t"} if builder == "csv" and paths[0].endswith((".tsv", ".tsv.gz")) else {}
+    if nrows is not None:
+        stream = load_dataset(builder, data_files=paths, split="train", streaming=True, **kwargs)
+        return Dataset.from_list(list(stream.take(nrows)), features=stream.features)
+    return load_dataset(builder, data_files=paths, split="train", cache_dir=cache,
+                        num_proc=num_proc if num_proc > 1 and len(paths) > 1 else None, **kwargs)  # fmt: skip
+
+
+def default_root(cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / "hub"

@@ -1,0 +1,46 @@
+"""Loading models, and the one device / precision policy of training, evaluation and the benchmarks.
+
+Policy: CUDA when present, else CPU; bf16 autocast over fp32 master weights where the GPU computes bf16 natively
+(compute capability 8.0+, Ampere and newer). `torch.cuda.is_bf16_supported()` also says yes on older GPUs, where
+bf16 is emulated and slower than fp32, so it is not the test here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from model_exploration.errors import UserError
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def bf16_native(dev: torch.device | None = None) -> bool:
+    dev = dev or device()
+    return dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 8
+
+
+def compute_dtype(dev: torch.device | None = None) -> torch.dtype:
+    """The dtype matmuls run in: bf16 (autocast) where native, else fp32."""
+    return torch.bfloat16 if bf16_native(dev) else torch.float32
+
+
+def load_sentence_transformer(name: str, flag: str = "--model_name", inference_dtype: bool = False):
+    """A SentenceTransformer from a local folder or a hub id, on this process's device; any failure is one line
+    naming the flag. `inference_dtype`: weights in the compute dtype (evaluation only; training keeps fp32
+    master weights and autocasts)."""
+    from sentence_transformers import SentenceTransformer
+
+    dev = device()
+    kwargs = {"model_kwargs": {"dtype": compute_dtype(dev)}} if inference_dtype and bf16_native(dev) else {}
+    try:
+        return SentenceTransformer(name, device=str(dev), **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any loading failure becomes one actionable line
+        where = "local folder" if Path(name).exists() else "hub id (not a local folder)"
+        raise UserError(
+            f"{flag} {name}: cannot load it as a {where} ({type(exc).__name__}); pass a SentenceTransformer folder "
+            "or a reachable hub id"
+        ) from None

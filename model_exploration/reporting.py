@@ -1,0 +1,131 @@
+"""Result files and tables: results.json / results.csv / results.md and bar charts, each written atomically.
+
+A results mapping is {model: {benchmark row: {metric: value, "ubinary": {...}, "ubinary_rescore": {...}}}}.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+TABLE_COLUMNS = ("mrr@1", "mrr@5", "ndcg@1", "ndcg@5", "ndcg@10", "mrr@10")
+BINARY_VARIANTS = ("ubinary", "ubinary_rescore")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name and rename: a killed run leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, default: Any, what: str) -> Any:
+    """A JSON file this project wrote, or `default` when it is absent; a damaged one (a run killed before files
+    were written atomically, a full disk) is reported and replaced by `default`, to be rebuilt."""
+    if not path.exists():
+        return default
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, OSError) as exc:
+        logger.warning("%s %s is unreadable (%s); rebuilding it", what, path, type(exc).__name__)
+        return default
+
+
+def markdown_table(results: dict[str, dict[str, dict]]) -> str:
+    """results[model][row] -> one table per benchmark row, in the original's format (MRR@1/5, NDCG@1/5) plus
+    NDCG@10, MRR@10, bytes per vector and, for binary rows, NDCG@10 retention (binary / float)."""
+    benchmarks: list[str] = []
+    for per_model in results.values():
+        benchmarks += [b for b in per_model if b not in benchmarks]
+    lines = []
+    for bench in benchmarks:
+        lines += [f"### {bench}", "", "| Model | MRR@1 | MRR@5 | NDCG@1 | NDCG@5 | NDCG@10 | MRR@10 | bytes/vector | NDCG@10 retention |",
+                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        for model, per_model in results.items():
+            row = per_model.get(bench)
+            if row is None:
+                continue
+            variants = [(model, row, "")] + [
+                (f"{model} ({v})", row[v], f"{row[v]['retention_ndcg@10']:.3f}") for v in BINARY_VARIANTS if v in row
+            ]
+            for label, values, retention in variants:
+                cells = " | ".join(f"{values[c]:.4f}" for c in TABLE_COLUMNS)
+                lines.append(f"| {label} | {cells} | {values['bytes_per_vector']} | {retention} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def flatten(results: dict[str, dict[str, dict]]) -> list[dict]:
+    """One CSV row per (model, benchmark row, precision)."""
+    records = []
+    for model, per_model in results.items():
+        for bench, row in per_model.items():
+            for precision, values in [("float32", row)] + [(v, row[v]) for v in BINARY_VARIANTS if v in row]:
+                records.append(
+                    {"model": model, "benchmark": bench, "precision": precision}
+                    | {k: v for k, v in values.items() if not isinstance(v, dict)}
+                )
+    return records
+
+
+def write_results(
+    results: dict[str, dict[str, dict]], output_dir: Path, charts: bool = True, json_payload: dict | None = None
+) -> None:
+    """results.json (`json_payload`, default the results), results.csv, results.md and, with `charts`, a bar chart
+    PNG per benchmark row, in output_dir; each file written to a temporary name and renamed."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records = flatten(results)
+    buffer = io.StringIO()
+    if records:
+        fields = list(dict.fromkeys(k for r in records for k in r))
+        writer = csv.DictWriter(buffer, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(records)
+    for name, text in (
+        ("results.json", json.dumps(results if json_payload is None else json_payload, indent=2, sort_keys=True)),
+        ("results.csv", buffer.getvalue()),
+        ("results.md", markdown_table(results)),
+    ):
+        write_atomic(output_dir / name, text)
+    if charts:
+        write_charts(results, output_dir)
+
+
+def write_charts(results: dict[str, dict[str, dict]], output_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    benchmarks = list(dict.fromkeys(b for per_model in results.values() for b in per_model))
+    for bench in benchmarks:
+        labels, values = [], []
+        for model, per_model in results.items():
+            if bench not in per_model:
+                continue
+            row = per_model[bench]
+            for label, v in [(model, row)] + [(f"{model} ({p})", row[p]) for p in BINARY_VARIANTS if p in row]:
+                labels.append("/".join(Path(label).parts[-2:]) if os.sep in label else label)  # run/final, org/model
+                values.append([v[c] for c in TABLE_COLUMNS])
+        fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(TABLE_COLUMNS)), 4))
+        width = 0.8 / max(1, len(labels))
+        for i, (label, vals) in enumerate(zip(labels, values)):
+            ax.bar([j + i * width for j in range(len(TABLE_COLUMNS))], vals, width, label=label)
+        ax.set_xticks([j + width * (len(labels) - 1) / 2 for j in range(len(TABLE_COLUMNS))])
+        ax.set_xticklabels([c.upper() for c in TABLE_COLUMNS])
+        ax.set_ylim(0, 1)
+        ax.set_title(bench)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        slug = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in bench)
+        tmp = output_dir / f".chart_{slug}.png.tmp"
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, output_dir / f"chart_{slug}.png")
+        plt.close(fig)
