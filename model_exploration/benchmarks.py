@@ -5,8 +5,8 @@
   behind published BEIR/MTEB scores.
 - `nanobeir`: sentence-transformers/NanoBEIR-en, what sentence-transformers' NanoBEIREvaluator loads by default:
   subsets corpus / queries / qrels, one split per dataset (NanoSciFact, ...); corpus text already holds the title.
-  Taken as NanoBEIREvaluator takes it (documents and queries with an empty text are left out), so its rows are
-  comparable with published NanoBEIR scores (tested to 1e-4).
+  Taken and scored as NanoBEIREvaluator does (documents and queries with an empty text are left out; a retrieved
+  document whose id is the query's counts), so its rows are comparable with published NanoBEIR scores (tested).
 - `nasa_smd`: nasa-impact/nasa-smd-IR-benchmark, a BEIR folder in a hub repo (qrels/test.tsv).
 - `nasa_sde`: nasa-impact/nasa-sde-IR-benchmark-20251024-v5, a BEIR folder with two qrels files over one corpus,
   qa_pairs and search_pairs: a row for each and their unweighted mean (the paper's headline `nasa_sde`).
@@ -65,6 +65,9 @@ class Benchmark:
     query_sets: list[QuerySet]
     mean_name: str | None = None
     group: str | None = None
+    # scored under the protocol of its published numbers: NanoBEIR's (sentence-transformers' evaluator) counts a
+    # retrieved document whose id is the query's; BEIR's and MTEB's drop it (--keep_identical_ids keeps it)
+    keeps_identical_ids: bool = False
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -174,7 +177,7 @@ def load_nanobeir_dataset(dataset: str, mirror: Mirror) -> Benchmark:
     corpus_ids = [d[0] for d in docs]
     texts = {str(q["_id"]): q["text"] for q in queries if q["text"]}
     qs = build_query_set(name, texts, relevant, set(corpus_ids))
-    return Benchmark(name, corpus_ids, [d[1] for d in docs], [qs], group="nanobeir")
+    return Benchmark(name, corpus_ids, [d[1] for d in docs], [qs], group="nanobeir", keeps_identical_ids=True)
 
 
 def canonical_spec(spec: str) -> str:

@@ -16,12 +16,13 @@ The loss is MNRL on the surrogate embeddings plus `float_weight` x MNRL on the f
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from sentence_transformers.base.losses.merged_forward import embed_columns
-from sentence_transformers.sentence_transformer.losses import (
-    MultipleNegativesRankingLoss,
-)
 from transformers import TrainerCallback
+
+from model_exploration.losses import GatheredMNRLoss
 
 MODES = ("ste", "clipped_ste", "tanh", "annealed_tanh")
 
@@ -87,13 +88,31 @@ class BinarySurrogate(torch.nn.Module):
         return torch.tanh(self.beta * x)
 
 
-class BinaryAwareMNRLoss(MultipleNegativesRankingLoss):
-    """MNRL on sign-surrogate embeddings (+ float_weight x MNRL on the float embeddings)."""
+class BinaryAwareMNRLoss(GatheredMNRLoss):
+    """MultipleNegativesRankingLoss on sign-surrogate embeddings, so that the sign bits of the embeddings
+    (`precision="ubinary"`) retrieve well, plus `float_weight` x the same loss on the float embeddings.
+
+    Args:
+        model: the SentenceTransformer being trained.
+        surrogate: the differentiable stand-in for sign() (mode, beta schedule), see BinarySurrogate.
+        float_weight: weight of the float-embedding MNRL added to the binary one (0: binary only).
+        **kwargs: MultipleNegativesRankingLoss's (scale, similarity_fct, gather_across_devices).
+
+    Inputs:
+        (anchor, positive) pairs or (anchor, positive, negative) triplets, as MultipleNegativesRankingLoss.
+    """
 
     def __init__(self, model, surrogate: BinarySurrogate, float_weight: float = 0.0, **kwargs):
         super().__init__(model, **kwargs)
         self.surrogate = surrogate
         self.float_weight = float_weight
+
+    def get_config_dict(self) -> dict[str, Any]:
+        """Recorded in the saved model card: which surrogate, which beta schedule, how much float loss."""
+        surrogate = {"surrogate": self.surrogate.mode, "float_weight": self.float_weight}
+        if self.surrogate.mode == "annealed_tanh":
+            surrogate |= {"beta_start": self.surrogate.beta_start, "beta_end": self.surrogate.beta_end}
+        return super().get_config_dict() | surrogate
 
     def forward(self, sentence_features, labels):
         embeddings = embed_columns(self.model, sentence_features)

@@ -332,6 +332,8 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
     """Parse and check the trainer's flags (`parser`: the trainer's parser extended by a tool such as prefetch.py)."""
     parser = parser or build_parser()
     args = parser.parse_args(argv)
+    if args.lr <= 0:
+        parser.error("--lr must be > 0")
     if not 0 <= args.warmup_ratio < 1:
         parser.error("--warmup_ratio must be in [0, 1)")
     if args.custom_lr_scheduler:

@@ -332,6 +332,24 @@ def load_source(
     return SourceData(spec, splits["train"], validation, meta["dropped_empty"], path)
 
 
+def check_offline_inputs(
+    specs: list[SourceSpec], cache_dir: Path, nrows, seed: int, max_eval: int, mirror: Mirror, n_data_src=None
+) -> None:
+    """Before a run writes anything: with a read-only mirror, every source whose cache is not built yet must have
+    its files there (reading the manifests only), so a missing one fails now, in one line, not after hours."""
+    if not mirror.offline:
+        return
+    checked = 0
+    for spec in specs:  # in mixture order, so the error names the first source that is missing
+        for source in mirror.expand(spec):
+            if n_data_src is not None and checked >= n_data_src:
+                return
+            checked += 1
+            if not (cache_path_for(cache_dir, source, nrows, seed, max_eval) / COMPLETE_MARKER).exists():
+                for member in [m for s in source.replay_of for m in mirror.expand(s)] or [source]:
+                    mirror.source_files(member, nrows)
+
+
 def load_and_cache_datasets(
     specs: list[SourceSpec],
     cache_dir: Path,

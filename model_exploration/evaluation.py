@@ -67,7 +67,8 @@ def evaluate_benchmark(
 
     Returns {row name: {metric: value, "ubinary": {...}, "ubinary_rescore": {...}}}; binary sections carry
     bytes_per_vector and retention_<metric> (binary / float). With `ignore_identical_ids` (BEIR's and MTEB's
-    default) a document whose id is the query's id is never a hit."""
+    default) a document whose id is the query's id is never a hit, unless the benchmark's own protocol keeps it."""
+    ignore_identical_ids = ignore_identical_ids and not benchmark.keeps_identical_ids
     k = max(MAP_CUTOFF, max(CUTOFFS))
     depth = k + 1 if ignore_identical_ids else k  # one more, so k remain after dropping the query itself
     corpus_packed = quantize_embeddings(corpus_emb.numpy(), "ubinary") if "ubinary" in precisions else None

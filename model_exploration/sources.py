@@ -88,7 +88,7 @@ class SourceSpec:
 
 
 def _parse_source(raw: dict[str, Any], registry: str) -> SourceSpec:
-    known = {f.name for f in dataclasses.fields(SourceSpec)} - {"replay_of"}
+    known = {f.name for f in dataclasses.fields(SourceSpec)} - {"replay_of", "rows_per_source"}
     unknown = set(raw) - known
     name = raw.get("name", "?")
     if unknown:

@@ -19,18 +19,21 @@ from pathlib import Path
 import torch
 from datasets import DatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
-from sentence_transformers.sentence_transformer.losses import (
-    CachedMultipleNegativesRankingLoss,
-    MultipleNegativesRankingLoss,
-)
 
 from model_exploration import binary, cli, distributed, evaluation, pretokenize, reporting, tracking, unpadded
 from model_exploration.benchmarks import load_benchmarks
-from model_exploration.data import cache_path_for
+from model_exploration.data import cache_path_for, check_offline_inputs
 from model_exploration.errors import UserError, exit_status
 from model_exploration.fetch import Mirror, default_root
+from model_exploration.losses import GatheredCachedMNRLoss, GatheredMNRLoss
 from model_exploration.models import bf16_native, load_sentence_transformer
-from model_exploration.training import MixtureTrainer, PreemptionCallback
+from model_exploration.training import (
+    CheckpointCompleteCallback,
+    MixtureTrainer,
+    PreemptionCallback,
+    missing_from_checkpoint,
+    newest_complete_checkpoint,
+)
 from model_exploration.utils import (
     build_dataset_configs_file,
     build_dataset_configs_s1,
@@ -124,14 +127,17 @@ def resolve_output_dir(args) -> tuple[Path, str | None]:
         path = Path(args.resume_checkpoint_path)
         if not path.exists():
             raise UserError(f"--resume_checkpoint_path: {path} does not exist")
-        if not (path / "trainer_state.json").exists():
-            complete = sorted(
-                (p for p in path.glob("checkpoint-*") if (p / "trainer_state.json").exists()),
-                key=lambda p: int(p.name.split("-")[-1]),
-            )
-            if not complete:
-                raise UserError(f"--resume_checkpoint_path: no complete checkpoint (trainer_state.json) in {path}")
-            path = complete[-1]
+        if path.name.startswith("checkpoint-"):
+            missing = missing_from_checkpoint(path)
+            if missing:
+                raise UserError(
+                    f"--resume_checkpoint_path: {path} is incomplete (missing {', '.join(missing[:5])}); pass its run "
+                    f"folder {path.parent} to resume from the newest complete checkpoint"
+                )
+        else:
+            path = newest_complete_checkpoint(path)
+            if path is None:
+                raise UserError(f"--resume_checkpoint_path: no complete checkpoint in {args.resume_checkpoint_path}")
         return path.parent, str(path)
     name = args.run_name or distributed.broadcast_object(
         f"{Path(args.model_name).name}-stage{args.stage}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -156,20 +162,20 @@ def load_model(args, mirror: Mirror) -> tuple[SentenceTransformer, int]:
 
 def build_loss(args, model, surrogate: binary.BinarySurrogate | None):
     """MNRL, its GradCache form (--mini_batch_size) or the binary-aware MNRL (--bat); all gather negatives
-    across ranks with --gather_across_devices."""
+    across ranks with --gather_across_devices, for any per-rank batch sizes (losses.py)."""
     gather = args.gather_across_devices
     if surrogate:
         return binary.BinaryAwareMNRLoss(
             model, surrogate, float_weight=args.bat_float_weight, gather_across_devices=gather
         )
     if args.mini_batch_size:
-        return CachedMultipleNegativesRankingLoss(
+        return GatheredCachedMNRLoss(
             model,
             mini_batch_size=args.mini_batch_size,
             mini_batch_num_tokens=args.mini_batch_tokens,
             gather_across_devices=gather,
         )
-    return MultipleNegativesRankingLoss(model, gather_across_devices=gather)
+    return GatheredMNRLoss(model, gather_across_devices=gather)
 
 
 def training_arguments(args, output_dir: Path, has_evaluator: bool) -> SentenceTransformerTrainingArguments:
@@ -221,6 +227,8 @@ def run(argv: list[str] | None = None) -> None:
     model, native_max_len = load_model(args, mirror)
     with distributed.rank0_first():  # rank 0 fetches what the mirror lacks; the others then read it
         benchmarks = [b for spec in args.eval_benchmarks for b in load_benchmarks(spec, mirror)]
+    check_offline_inputs(specs, cache_dir, args.nrows, args.seed, args.max_datapoints_per_src_for_eval, mirror,
+                         args.n_data_src)  # fmt: skip
     if distributed.is_main_process():  # only once the inputs are known good: no half-made run folders
         output_dir.mkdir(parents=True, exist_ok=True)
         tracking.save_args(vars(args), output_dir)
@@ -258,7 +266,7 @@ def run(argv: list[str] | None = None) -> None:
         args=training_arguments(args, output_dir, evaluator is not None),
         train_dataset=DatasetDict(train_sets),
         loss=build_loss(args, model, surrogate),
-        callbacks=[preemption]
+        callbacks=[preemption, CheckpointCompleteCallback()]
         + ([binary.SurrogateStepCallback(surrogate, args.bat_anneal_ratio)] if surrogate else []),
         evaluator=evaluator,
         source_weights={s.spec.name: s.spec.weight for s in sources},

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from model_exploration.errors import UserError
+from model_exploration.reporting import write_atomic
 
 SECRET_ENV_KEYS = ("WANDB_API_KEY", "HUGGINGFACE_TOKEN", "HF_TOKEN", "KAGGLE_KEY")
 RUN_ID_FILE = "wandb_run_id.txt"
@@ -47,7 +48,7 @@ def redact(value: Any, secrets: list[str] | None = None) -> Any:
 
 
 def save_args(args_dict: dict[str, Any], output_dir: Path) -> None:
-    (output_dir / "run_args.json").write_text(json.dumps(redact(args_dict), indent=2, default=str))
+    write_atomic(output_dir / "run_args.json", json.dumps(redact(args_dict), indent=2, default=str))
 
 
 def resolve_run_id(output_dir: Path, override: str | None) -> str:
@@ -55,8 +56,8 @@ def resolve_run_id(output_dir: Path, override: str | None) -> str:
     from wandb.sdk.lib.runid import generate_id
 
     path = output_dir / RUN_ID_FILE
-    run_id = override or (path.read_text().strip() if path.exists() else generate_id())
-    path.write_text(run_id)
+    run_id = override or (path.read_text().strip() if path.exists() else "") or generate_id()
+    write_atomic(path, run_id)
     return run_id
 
 

@@ -8,9 +8,11 @@ logging on rank 0) is the stock HF/sentence-transformers trainer.
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,7 @@ from transformers import TrainerCallback
 
 from model_exploration import distributed, throughput
 from model_exploration.lr_schedule import custom_lr_scheduler
+from model_exploration.reporting import write_atomic
 from model_exploration.sampler import WeightedSourceBatchSampler, make_source_batch_sampler
 
 logger = logging.getLogger(__name__)
@@ -123,6 +126,49 @@ class TokenCounter:
         values = tuple(self.counts.tolist()) if self.counts is not None else (0.0, 0.0, 0.0, 0.0)
         self.counts = None
         return values
+
+
+CHECKPOINT_MARKER = "_COMPLETE.json"
+
+
+class CheckpointCompleteCallback(TrainerCallback):
+    """Marks a checkpoint complete once every rank has written its part. Rank 0 writes the model, optimizer and
+    trainer_state.json while each rank writes its own RNG state (rng_state_<rank>.pth), so trainer_state.json alone
+    does not prove another rank has finished; a run killed in that window would resume with a rank's RNG state
+    missing. After a barrier (every rank has returned from saving), rank 0 lists the checkpoint's files in a
+    marker written last; `missing_from_checkpoint` checks them."""
+
+    def on_save(self, args, state, control, **kwargs):
+        distributed.barrier()
+        if distributed.is_main_process():
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+            write_atomic(
+                folder / CHECKPOINT_MARKER, json.dumps({"world_size": distributed.world_size(), "files": files})
+            )
+        return control
+
+
+def missing_from_checkpoint(folder: Path) -> list[str]:
+    """What a checkpoint lacks to be resumed exactly: its completion marker, or a file the marker lists."""
+    marker = Path(folder) / CHECKPOINT_MARKER
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return [CHECKPOINT_MARKER]
+    return [f for f in files if not (Path(folder) / f).exists()]
+
+
+def newest_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest checkpoint-N of a run folder that every rank finished writing; each newer one that is not
+    complete gets one warning naming what it lacks."""
+    for folder in sorted(Path(run_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]), reverse=True):
+        missing = missing_from_checkpoint(folder)
+        if not missing:
+            return folder
+        logger.warning("%s is incomplete (missing %s); falling back to an earlier checkpoint", folder.name,
+                       ", ".join(missing[:5]))  # fmt: skip
+    return None
 
 
 class PreemptionCallback(TrainerCallback):

