@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--nrows",
         type=_positive_int,
         default=None,
-        help="smoke test: read only the first N rows of each source (streamed from the hub)",
+        help="smoke test: read only the first N rows of each source (a mirror fetches only those rows)",
     )
     g.add_argument("--n_data_src", type=_positive_int, default=None, help="smoke test: use only the first N sources")
     g.add_argument(
