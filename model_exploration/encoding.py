@@ -4,7 +4,8 @@ Why not only SentenceTransformer.encode: it sorts by character length and uses a
 so batches of long texts and batches of short texts cost very different amounts and short ones underfill the
 device; it tokenizes in the same thread that runs the model. Here texts are tokenized once (exact lengths),
 sorted by token count, cut into batches of at most `token_budget` padded tokens, and a background thread pads
-the next batches while the model runs (bf16 autocast on CUDA). Embeddings equal `encode`'s (tested).
+the next batches (one numpy fill each) while the model runs (bf16 autocast on CUDA); embeddings are copied to the
+host without blocking, and the only synchronization is at the end. Embeddings equal `encode`'s (tested).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from model_exploration.models import bf16_native
+from model_exploration.pretokenize import pad_ids
 
 TOKENIZE_CHUNK = 4096
 
@@ -44,9 +46,16 @@ def _tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, list[li
     return out
 
 
-def _padded_batches(tokenizer, encoded, batches) -> Iterator[dict[str, torch.Tensor]]:
+def _padded_batches(tokenizer, encoded, batches, pin: bool) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches padded with one numpy fill (pretokenize.pad_ids; tokenizer.pad is GIL-bound Python, ~15x slower),
+    in pinned memory on CUDA so that the copy to the device does not block."""
+    left = tokenizer.padding_side == "left"
     for batch in batches:
-        yield tokenizer.pad({key: [values[i] for i in batch] for key, values in encoded.items()}, return_tensors="pt")
+        ids, mask = pad_ids([encoded["input_ids"][i] for i in batch], tokenizer.pad_token_id, left)
+        features = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in encoded:
+            features["token_type_ids"] = pad_ids([encoded["token_type_ids"][i] for i in batch], 0, left)[0]
+        yield {k: v.pin_memory() for k, v in features.items()} if pin else features
 
 
 def _prefetch(iterator: Iterator, depth: int) -> Iterator:
@@ -87,14 +96,23 @@ def encode_fast(
     batches = token_budget_batches(lengths, token_budget)
     device = model.device
     use_bf16 = bf16_native(device)
-    out = torch.empty(len(texts), model.get_embedding_dimension())
+    pin = device.type == "cuda"
+    # Embeddings land in batch order in a (pinned) host buffer by non-blocking copies: no per-batch sync; put
+    # back in input order once at the end.
+    in_batch_order = torch.empty(len(texts), model.get_embedding_dimension(), pin_memory=pin)
     model.eval()
     progress = tqdm(total=len(texts), desc="Encoding", disable=not show_progress_bar, unit="text")
-    for batch, features in zip(batches, _prefetch(_padded_batches(tokenizer, encoded, batches), prefetch)):
+    start = 0
+    for batch, features in zip(batches, _prefetch(_padded_batches(tokenizer, encoded, batches, pin), prefetch)):
         features = {k: v.to(device, non_blocking=True) for k, v in features.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             embeddings = model(features)["sentence_embedding"]
-        out[torch.from_numpy(batch)] = embeddings.float().cpu()
+        in_batch_order[start : start + len(batch)].copy_(embeddings.float(), non_blocking=True)
+        start += len(batch)
         progress.update(len(batch))
+    if pin:
+        torch.cuda.synchronize(device)
     progress.close()
+    out = torch.empty_like(in_batch_order, pin_memory=False)
+    out[torch.from_numpy(np.concatenate(batches))] = in_batch_order
     return out

@@ -44,3 +44,18 @@ def load_sentence_transformer(name: str, flag: str = "--model_name", inference_d
             f"{flag} {name}: cannot load it as a {where} ({type(exc).__name__}); pass a SentenceTransformer folder "
             "or a reachable hub id"
         ) from None
+
+
+def freeze_unused_pooler(model) -> int:
+    """Stop training the transformer's pooler (BERT's dense+tanh over [CLS]): sentence-transformers pools token
+    embeddings with its own module and never reads `pooler_output`, so the pooler gets no gradient. Frozen, it is
+    not a DDP parameter, and DDP need not search the graph for unused parameters every step
+    (find_unused_parameters=False). It is still saved, so the model loads unchanged. Returns the tensors frozen."""
+    frozen = 0
+    for module in model.modules():
+        pooler = getattr(getattr(module, "auto_model", None), "pooler", None)
+        if pooler is not None:
+            for param in pooler.parameters():
+                param.requires_grad_(False)
+                frozen += 1
+    return frozen

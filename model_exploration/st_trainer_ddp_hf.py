@@ -26,7 +26,7 @@ from model_exploration.data import cache_path_for, check_offline_inputs
 from model_exploration.errors import UserError, exit_status
 from model_exploration.fetch import Mirror, default_root
 from model_exploration.losses import GatheredCachedMNRLoss, GatheredMNRLoss
-from model_exploration.models import bf16_native, load_sentence_transformer
+from model_exploration.models import bf16_native, freeze_unused_pooler, load_sentence_transformer
 from model_exploration.training import (
     CheckpointCompleteCallback,
     MixtureTrainer,
@@ -157,6 +157,7 @@ def load_model(args, mirror: Mirror) -> tuple[SentenceTransformer, int]:
         logger.warning("--model_max_len %d exceeds the model's %d positions; using %d", wanted, limit, limit)
     if args.unpad and unpadded.enable_unpadded(model):
         logger.info("unpadded forward on: dense layers and attention skip padding tokens (--no_unpad to turn off)")
+    freeze_unused_pooler(model)
     return model, native_max_len
 
 
@@ -205,6 +206,14 @@ def training_arguments(args, output_dir: Path, has_evaluator: bool) -> SentenceT
         report_to=["wandb"] if args.wb_mode != "disabled" else "none",
         ddp_timeout=int(args.ddp_timeout_minutes * 60),
         dataloader_num_workers=args.dataloader_num_workers,
+        # DDP's search for unused parameters walks the graph every step; the only unused ones (the pooler) are
+        # frozen by load_model instead
+        ddp_find_unused_parameters=False,
+        gradient_checkpointing=args.gradient_checkpointing,
+        # a NaN/inf check of every micro-step's loss is a host-device sync: NaNs show in the logged loss instead
+        logging_nan_inf_filter=False,
+        # batches are copied from pinned memory without blocking the host (CUDA; a no-op on CPU)
+        accelerator_config={"non_blocking": torch.cuda.is_available()},
     )
 
 

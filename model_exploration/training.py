@@ -88,7 +88,7 @@ class MixtureTrainer(SentenceTransformerTrainer):
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self.token_counter.counts is not None:
+        if "loss" in logs and not self.token_counter.empty:
             elapsed = max(1e-9, time.perf_counter() - self._since)
             pairs, real, sum_sq, padded = self.token_counter.read()
             world = distributed.world_size()  # rates are this rank's x world size (ranks run the same steps)
@@ -104,27 +104,34 @@ class MixtureTrainer(SentenceTransformerTrainer):
 
 
 class TokenCounter:
-    """Pairs, real tokens, sum of squared lengths (attention work) and padded positions of the batches seen, kept
-    as one tensor on the batch's device: adding is asynchronous, only read() synchronizes."""
+    """Pairs, real tokens, sum of squared lengths (attention work) and padded positions of the batches seen. Pairs
+    and padded positions are known from the tensors' shapes on the host; the token sums stay on the batch's device
+    (no host-device sync per step), and only read() synchronizes."""
 
     def __init__(self):
-        self.counts: torch.Tensor | None = None
+        self.pairs = 0
+        self.padded = 0
+        self.sums: torch.Tensor | None = None  # [real tokens, sum of squared lengths] on the device
+
+    @property
+    def empty(self) -> bool:
+        return self.sums is None
 
     def add(self, inputs: dict) -> None:
         masks = [v for k, v in inputs.items() if k.endswith("_attention_mask")]
         if not masks:
             return
+        self.pairs += masks[0].shape[0]
+        self.padded += sum(m.numel() for m in masks)
         lengths = torch.cat([m.sum(1) for m in masks]).double()
-        padded = sum(m.numel() for m in masks)
-        step = torch.stack(
-            [lengths.new_tensor(masks[0].shape[0]), lengths.sum(), lengths.square().sum(), lengths.new_tensor(padded)]
-        )
-        self.counts = step if self.counts is None else self.counts + step
+        step = torch.stack([lengths.sum(), lengths.square().sum()])
+        self.sums = step if self.sums is None else self.sums + step
 
     def read(self) -> tuple[float, float, float, float]:
-        """The totals since the last read (synchronizes with the device), and start over."""
-        values = tuple(self.counts.tolist()) if self.counts is not None else (0.0, 0.0, 0.0, 0.0)
-        self.counts = None
+        """(pairs, real tokens, sum of squared lengths, padded positions) since the last read, and start over."""
+        real, sum_sq = self.sums.tolist() if self.sums is not None else (0.0, 0.0)
+        values = (float(self.pairs), real, sum_sq, float(self.padded))
+        self.pairs, self.padded, self.sums = 0, 0, None
         return values
 
 
@@ -172,25 +179,32 @@ def newest_complete_checkpoint(run_dir: Path) -> Path | None:
 
 
 class PreemptionCallback(TrainerCallback):
-    """SIGTERM (SLURM preemption, `scancel`, torchrun shutting down) -> finish the current optimizer step, save a
-    checkpoint, stop. Ranks agree through a MAX all-reduce of the flag each step, so they all save the same step
-    even if the signal reaches them at different times."""
+    """SIGTERM (SLURM preemption, `scancel`, torchrun shutting down) -> save a checkpoint at the end of the next
+    optimizer step and stop. Ranks agree through a MAX all-reduce of the flag on the CPU process group, started
+    asynchronously at the end of a step and read at the end of the next one: no GPU synchronization, no wait in
+    the step, and every rank stops at the same step even if the signal reaches them at different times."""
 
     def __init__(self):
         self.requested = False
         self.stopped_at: int | None = None
+        self._pending: tuple | None = None  # (all-reduce handle, flag tensor) started at the previous step end
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame) -> None:
         self.requested = True
 
     def on_step_end(self, args, state, control, **kwargs):
-        flag = self.requested
-        if dist.is_available() and dist.is_initialized():
-            device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-            tensor = torch.tensor([int(flag)], device=device)
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-            flag = bool(tensor.item())
+        group = distributed.cpu_group()
+        if group is None:  # one process: the signal is the decision
+            flag = self.requested
+        else:
+            flag = False
+            if self._pending is not None:
+                work, tensor = self._pending
+                work.wait()
+                flag = bool(tensor.item())  # a CPU tensor: no device sync
+            tensor = torch.tensor([int(self.requested)])
+            self._pending = (dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group, async_op=True), tensor)
         if flag:
             control.should_save = True
             control.should_training_stop = True

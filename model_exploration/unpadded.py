@@ -10,34 +10,69 @@ the real tokens of the batch into one [tokens, hidden] matrix (dense layers, Lay
 tokens only), runs attention per sequence, and scatters the last hidden state back to [batch, length, hidden] for
 the usual pooling modules. The weights are the HF model's own parameters, so training updates them in place and
 the model saves and loads as a normal SentenceTransformer. Attention, chosen by measurement:
-- CUDA with bf16/fp16 inputs: `torch.nn.attention.varlen.varlen_attn` (flash attention over cu_seqlens);
+- CUDA with bf16/fp16 inputs: `torch.nn.attention.varlen.varlen_attn` (flash attention over cu_seqlens), after a
+  one-time forward + backward probe per device and dtype (a missing kernel falls back, logged with its message;
+  out-of-memory and other device errors are raised, never taken for a missing kernel);
 - anywhere else (CPU, fp32): scaled_dot_product_attention on sequences bucketed by length, each bucket padded
   only to its own longest. benchmarks/packed_attention.py on the 2-core CPU, passage length mix, fwd+bwd:
   padding the batch to its longest is 2.2x slower, one SDPA call per sequence 1.0-1.5x, nested (jagged)
   tensors 10-19x.
 Semantic difference from the stock forward, on purpose: no dropout on attention probabilities (varlen_attn has no
 dropout); hidden-state dropout is unchanged. Embeddings equal the stock model's within float tolerance (tested).
+Host-device syncs: one per forward (the sequence lengths, which size the packed tensors); gradient checkpointing
+(`--gradient_checkpointing`) recomputes each layer in backward, as the stock model does.
 """
 
 from __future__ import annotations
 
 import logging
 import types
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutput
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("bert",)
-_varlen_works = True  # cleared the first time the CUDA kernel raises: then bucketed SDPA for the process
+_varlen_usable: dict[tuple, bool] = {}  # (device, dtype) -> whether varlen_attn runs forward and backward there
 
 
 def _varlen_attention(q, k, v, cu_seqlens, max_len: int):
     from torch.nn.attention.varlen import varlen_attn
 
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
+
+
+def _is_resource_error(exc: BaseException) -> bool:
+    """Errors of the device rather than of the kernel: out of memory, an illegal access... They must surface, not
+    switch the process to the slower path for good (where they would strike again with a misleading trace)."""
+    accelerator_error = getattr(torch, "AcceleratorError", ())
+    return isinstance(exc, (torch.OutOfMemoryError, *((accelerator_error,) if accelerator_error else ()))) or (
+        "out of memory" in str(exc).lower()
+    )
+
+
+def varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether varlen_attn works on this device and dtype, forward and backward, probed once per process on a tiny
+    input (a kernel missing for this GPU or build fails there, not in the middle of a training step). A failure is
+    logged with its message; device errors (out of memory, ...) are raised, not taken for a missing kernel."""
+    key = (str(device), dtype)
+    if key not in _varlen_usable:
+        try:
+            q, k, v = (torch.randn(6, 2, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            cu = torch.tensor([0, 2, 6], device=device, dtype=torch.int32)
+            _varlen_attention(q, k, v, cu, 4).float().sum().backward()
+            _varlen_usable[key] = True
+        except Exception as exc:  # noqa: BLE001 - anything but a device error means: no usable kernel here
+            if _is_resource_error(exc):
+                raise
+            _varlen_usable[key] = False
+            logger.warning("varlen_attn unusable on %s/%s (%s: %s); using bucketed SDPA", device, dtype,
+                           type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")  # fmt: skip
+    return _varlen_usable[key]
 
 
 def length_buckets(lengths: list[int], waste: float = 0.125) -> list[list[int]]:
@@ -61,13 +96,14 @@ class PackedBatch:
     per forward and shared by all layers."""
 
     def __init__(self, lengths: list[int], cu_seqlens: torch.Tensor):
-        self.lengths, self.cu_seqlens = lengths, cu_seqlens
+        self.lengths, self.cu_seqlens = lengths, cu_seqlens  # lengths on the host, cu_seqlens on the device
+        self.max_len = max(lengths)
         self._plan: list[tuple] | None = None
 
     def bucket_plan(self, device: torch.device) -> list[tuple]:
         """Per bucket: (token indices, rows, longest, key mask or None, slots of real tokens or None)."""
         if self._plan is None:
-            starts = self.cu_seqlens[:-1].tolist()
+            starts = [0] + list(accumulate(self.lengths))[:-1]
             self._plan = []
             for bucket in length_buckets(self.lengths):
                 longest = self.lengths[bucket[0]]
@@ -102,13 +138,8 @@ def _bucketed_attention(q, k, v, batch: PackedBatch):
 
 def packed_attention(q, k, v, batch: PackedBatch):
     """softmax(q k^T / sqrt(d)) v within each sequence of packed [tokens, heads, dim] tensors."""
-    global _varlen_works
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and _varlen_works:
-        try:
-            return _varlen_attention(q, k, v, batch.cu_seqlens, max(batch.lengths))
-        except (RuntimeError, NotImplementedError, ImportError) as exc:  # kernel missing for this GPU/build
-            _varlen_works = False
-            logger.warning("varlen_attn unavailable (%s); using bucketed SDPA", type(exc).__name__)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_usable(q.device, q.dtype):
+        return _varlen_attention(q, k, v, batch.cu_seqlens, batch.max_len)
     return _bucketed_attention(q, k, v, batch)
 
 
@@ -117,8 +148,8 @@ def _layer_forward(layer, x, batch: PackedBatch, heads: int):
     tokens, hidden = x.shape
     weight = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])
     bias = torch.cat([attn.query.bias, attn.key.bias, attn.value.bias])
-    qkv = F.linear(x, weight, bias).view(tokens, 3, heads, hidden // heads)
-    context = packed_attention(qkv[:, 0], qkv[:, 1], qkv[:, 2], batch).reshape(tokens, hidden)
+    q, k, v = F.linear(x, weight, bias).view(tokens, 3, heads, hidden // heads).unbind(1)  # one backward node
+    context = packed_attention(q, k, v, batch).reshape(tokens, hidden)
     out = layer.attention.output
     x = out.LayerNorm(out.dropout(out.dense(context)) + x)
     h = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
@@ -135,8 +166,10 @@ def unpadded_bert_forward(self, input_ids=None, attention_mask=None, token_type_
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     mask = attention_mask.bool()
-    slots = mask.flatten().nonzero().squeeze(1)  # positions of real tokens in the [batch * length] grid
     seq_lengths = mask.sum(1)
+    lengths = seq_lengths.tolist()  # the forward's one host-device sync: sizes of what follows
+    # positions of real tokens in the [batch * length] grid; its size is known, so no second sync
+    slots = torch.nonzero_static(mask.flatten(), size=sum(lengths)).squeeze(1)
     cu_seqlens = F.pad(seq_lengths.cumsum(0, dtype=torch.int32), (1, 0))
     positions = (mask.long().cumsum(1) - 1).flatten()[slots]
 
@@ -145,10 +178,17 @@ def unpadded_bert_forward(self, input_ids=None, attention_mask=None, token_type_
     types_ = token_type_ids.flatten()[slots] if token_type_ids is not None else torch.zeros_like(positions)
     x = emb.dropout(emb.LayerNorm(x + emb.token_type_embeddings(types_)))
 
-    packed = PackedBatch(seq_lengths.tolist(), cu_seqlens)
+    packed = PackedBatch(lengths, cu_seqlens)
     heads = self.config.num_attention_heads
+    # transformers marks the encoder (or, in newer releases, each layer) when checkpointing is enabled
+    recompute = self.training and any(
+        getattr(m, "gradient_checkpointing", False) for m in (self.encoder, *self.encoder.layer)
+    )
     for layer in self.encoder.layer:
-        x = _layer_forward(layer, x, packed, heads)
+        if recompute:  # --gradient_checkpointing: keep only layer inputs, recompute the rest in backward
+            x = checkpoint(_layer_forward, layer, x, packed, heads, use_reentrant=False)
+        else:
+            x = _layer_forward(layer, x, packed, heads)
     hidden = x.new_zeros(batch * length, x.shape[-1]).index_copy(0, slots, x)
     return BaseModelOutput(last_hidden_state=hidden.view(batch, length, -1))
 
