@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from model_exploration.keys import REPO_ROOT
+
 SPEC_PEAK_TFLOPS = {"H100": 989, "H200": 989}  # dense bf16, NVIDIA's data sheets (SXM)
 
 
@@ -34,7 +35,7 @@ def throughput_script():
     """benchmarks/train_throughput.py as a module (its data and tokenizer helpers)."""
     from importlib.util import module_from_spec, spec_from_file_location
 
-    spec = spec_from_file_location("train_throughput", REPO / "benchmarks" / "train_throughput.py")
+    spec = spec_from_file_location("train_throughput", REPO_ROOT / "benchmarks" / "train_throughput.py")
     module = module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

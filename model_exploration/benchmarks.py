@@ -20,7 +20,6 @@ in the corpus keeps counting as relevant (it can never be retrieved), as in trec
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -29,7 +28,7 @@ from pathlib import Path
 from model_exploration.data import read_jsonl
 from model_exploration.errors import UserError
 from model_exploration.fetch import Mirror, read_files
-from model_exploration.sources import REPO_ROOT
+from model_exploration.keys import REPO_ROOT, short_hash
 
 logger = logging.getLogger(__name__)
 
@@ -70,10 +69,7 @@ class Benchmark:
     keeps_identical_ids: bool = False
 
     def fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for doc_id, text in zip(self.corpus_ids, self.corpus_texts):
-            h.update(doc_id.encode() + b"\0" + text.encode() + b"\1")
-        return h.hexdigest()[:16]
+        return short_hash(d.encode() + b"\0" + t.encode() + b"\1" for d, t in zip(self.corpus_ids, self.corpus_texts))
 
     @property
     def headline(self) -> str:

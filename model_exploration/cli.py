@@ -217,17 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup_ratio", type=float, default=0.1, help="share of the optimizer steps spent warming up")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument(
-        "--custom_lr_scheduler",
-        dest="custom_lr_scheduler",
-        action="store_true",
-        default=True,
-        help="linear warmup, linear decay lr -> lr_min_custom with a cosine ripple (the default)",
-    )
-    g.add_argument(
         "--no_custom_lr_scheduler",
         dest="custom_lr_scheduler",
         action="store_false",
-        help="use --lr_scheduler_type (an HF scheduler) instead of the custom schedule",
+        help="use --lr_scheduler_type (an HF scheduler) instead of the custom schedule (linear warmup, then linear "
+        "decay lr -> lr_min_custom with a cosine ripple)",
     )
     g.add_argument("--lr_scheduler_type", default="cosine", help="HF scheduler used with --no_custom_lr_scheduler")
     g.add_argument("--lr_min_custom", type=float, default=5e-6, help="custom schedule: LR at the end of the decay")
@@ -353,7 +347,8 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
             parser.error("--lr_min_custom must be between 0 and --lr")
         if not 0 <= args.cosine_magnitude_fraction_custom < 1:
             parser.error("--cosine_magnitude_fraction_custom must be in [0, 1)")
-    if args.bat is None and (args.bat_float_weight or args.bat_beta_start != 1.0 or args.bat_beta_end != 20.0):
+    bat_options = ("bat_float_weight", "bat_beta_start", "bat_beta_end", "bat_anneal_ratio")
+    if args.bat is None and any(getattr(args, o) != parser.get_default(o) for o in bat_options):
         parser.error("--bat_* options need --bat")
     if not 0 < args.bat_beta_start <= args.bat_beta_end or not 0 < args.bat_anneal_ratio <= 1:
         parser.error("need 0 < --bat_beta_start <= --bat_beta_end and 0 < --bat_anneal_ratio <= 1")
@@ -363,9 +358,14 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         parser.error("--mini_batch_size (GradCache) does not combine with --bat; drop one")
     if args.resume_run_id and not args.resume_checkpoint_path:
         parser.error("--resume_run_id needs --resume_checkpoint_path (the run to continue)")
-    stage2_only = (args.sde_weight_scale != 1.0, args.stage1_replay_weight is not None, args.arxiv_path,
-                   args.stage1_replay_rows is not None, args.stage1_replay_triplets)  # fmt: skip
-    if (args.stage != "2" or args.mixture) and any(stage2_only):
+    stage2_only = (
+        "sde_weight_scale",
+        "stage1_replay_weight",
+        "stage1_replay_rows",
+        "stage1_replay_triplets",
+        "arxiv_path",
+    )
+    if (args.stage != "2" or args.mixture) and any(getattr(args, o) != parser.get_default(o) for o in stage2_only):
         parser.error("--sde_weight_scale / --stage1_replay_* / --arxiv_path apply to --stage 2 only")
     if args.sde_weight_scale < 0 or (args.stage1_replay_weight is not None and args.stage1_replay_weight < 0):
         parser.error("source weights must be >= 0")

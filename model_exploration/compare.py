@@ -11,7 +11,6 @@ benchmark under DIR/embeddings, so adding a precision or a metric does not re-en
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ from model_exploration.cli import HUB_DIR_ENV
 from model_exploration.encoding import encode_fast
 from model_exploration.errors import UserError, exit_status
 from model_exploration.fetch import Mirror
+from model_exploration.keys import short_hash, slug
 from model_exploration.models import load_sentence_transformer
 from model_exploration.reporting import read_json
 
@@ -92,17 +92,13 @@ def model_fingerprint(model_name: str) -> str:
         payload = json.dumps([str(path.resolve()), stats])
     else:
         payload = model_name
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-
-def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text).strip("_")[-80:]
+    return short_hash(payload)
 
 
 def cached_corpus_embeddings(model, model_name: str, benchmark, args, cache_root: Path) -> torch.Tensor:
     max_len = args.max_seq_length or model.max_seq_length
-    key = hashlib.sha256(f"{model_fingerprint(model_name)}|{benchmark.fingerprint()}|{max_len}".encode()).hexdigest()
-    path = cache_root / _slug(model_name) / f"{_slug(benchmark.name)}-{key[:16]}.npy"
+    key = short_hash(f"{model_fingerprint(model_name)}|{benchmark.fingerprint()}|{max_len}")
+    path = cache_root / slug(model_name) / f"{slug(benchmark.name)}-{key}.npy"
     if path.exists():
         try:
             return torch.from_numpy(np.load(path))

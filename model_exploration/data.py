@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
-import hashlib
 import html
 import json
 import logging
@@ -31,6 +30,7 @@ from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
 from model_exploration import distributed
 from model_exploration.errors import UserError
 from model_exploration.fetch import Mirror, default_root, read_files
+from model_exploration.keys import short_hash
 from model_exploration.sources import SourceSpec
 
 logger = logging.getLogger(__name__)
@@ -239,7 +239,7 @@ def _load_pairs(spec: SourceSpec, mirror: Mirror, nrows, seed, work_dir: Path, n
 
 def cache_key(spec: SourceSpec, nrows: int | None, seed: int, max_eval: int) -> str:
     payload = f"{CACHE_FORMAT_VERSION}|{spec.fingerprint()}|{nrows}|{seed}|{max_eval}"
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return short_hash(payload)
 
 
 def cache_path_for(cache_dir: Path, spec: SourceSpec, nrows: int | None, seed: int, max_eval: int) -> Path:

@@ -45,6 +45,7 @@ from typing import Any
 
 from model_exploration import pubmed
 from model_exploration.errors import UserError
+from model_exploration.keys import short_hash
 from model_exploration.sources import SourceSpec
 
 logger = logging.getLogger(__name__)
@@ -88,10 +89,6 @@ class _Plan:
         return urllib.parse.urlparse(remote).path.rsplit("/", 1)[-1] if "://" in remote else remote
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
-
-
 def hub_checkout(repo: str, export: bool) -> Path:
     return Path("datasets") / repo / ("parquet-export" if export else "main")
 
@@ -108,13 +105,13 @@ def source_location(spec: SourceSpec) -> tuple[Path, str]:
         return Path("kaggle") / KAGGLE_DATASET, "snapshot"
     key = f"{spec.config or 'default'}/{spec.split}"
     if spec.data_dir or spec.data_files:  # the same repo read through other files is another file set
-        key += "-" + hashlib.sha256(f"{spec.data_dir}|{spec.data_files}".encode()).hexdigest()[:8]
+        key += "-" + short_hash(f"{spec.data_dir}|{spec.data_files}", 8)
     return hub_checkout(spec.hub, spec.fetch == "parquet_export"), key
 
 
 def files_key(paths: list[str]) -> str:
     """Manifest name of a fixed set of repo files (a BEIR folder in a hub repo)."""
-    return "files-" + hashlib.sha256("|".join(paths).encode()).hexdigest()[:8]
+    return "files-" + short_hash("|".join(paths), 8)
 
 
 class Mirror:

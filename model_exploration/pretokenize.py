@@ -7,7 +7,6 @@ read it, and `PretokenizedCollator` pads each batch to its own longest sequence 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from itertools import chain
@@ -22,6 +21,7 @@ from sentence_transformers.sentence_transformer.data_collator import (
 )
 
 from model_exploration import data
+from model_exploration.keys import short_hash
 
 
 def tokenizer_fingerprint(tokenizer, max_length: int) -> str:
@@ -35,7 +35,7 @@ def tokenizer_fingerprint(tokenizer, max_length: int) -> str:
         identity = json.dumps(spec, sort_keys=True)
     else:
         identity = repr(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(f"{identity}|{max_length}".encode()).hexdigest()[:16]
+    return short_hash(f"{identity}|{max_length}")
 
 
 def _tokenize_batch(batch: dict[str, list[str]], tokenizer, max_length: int) -> dict[str, list[list[int]]]:

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from model_exploration.keys import slug
+
 logger = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ("mrr@1", "mrr@5", "ndcg@1", "ndcg@5", "ndcg@10", "mrr@10")
@@ -124,8 +126,8 @@ def write_charts(results: dict[str, dict[str, dict]], output_dir: Path) -> None:
         ax.set_title(bench)
         ax.legend(fontsize=7)
         fig.tight_layout()
-        slug = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in bench)
-        tmp = output_dir / f".chart_{slug}.png.tmp"
+        name = slug(bench.replace(".", "_"))
+        tmp = output_dir / f".chart_{name}.png.tmp"
         fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, output_dir / f"chart_{slug}.png")
+        os.replace(tmp, output_dir / f"chart_{name}.png")
         plt.close(fig)

@@ -10,7 +10,6 @@ to weight_i x size_i.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -18,9 +17,9 @@ from typing import Any
 import yaml
 
 from model_exploration.errors import UserError
+from model_exploration.keys import REPO_ROOT, short_hash
 
 MIXTURES_DIR = Path(__file__).resolve().parent / "mixtures"
-REPO_ROOT = Path(__file__).resolve().parents[1]
 FETCH_WAYS = ("hub", "parquet_export", "pubmed_baseline", "kaggle", "jsonl")
 CLEANERS = ("strip_xml", "normalize_whitespace")
 
@@ -66,7 +65,7 @@ class SourceSpec:
         spec = dataclasses.asdict(self)
         spec.pop("weight")
         spec.pop("enabled")
-        return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return short_hash(json.dumps(spec, sort_keys=True, default=str))
 
     def describe(self) -> str:
         if self.replay_of:

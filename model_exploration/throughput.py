@@ -39,6 +39,22 @@ class EncoderFlops:
         return 3 * self.forward(real_tokens, sum_sq_lengths)
 
 
+def training_rates(
+    counts: tuple[float, float, float, float], elapsed: float, flops: EncoderFlops, peak_flops: float, world: int = 1
+) -> dict[str, float]:
+    """pairs/s and real tokens/s (all ranks: this rank's x world size, ranks run the same steps), the padding share
+    of the batch tensors, model TFLOP/s per device and MFU, from TokenCounter.read()'s counts over `elapsed` s."""
+    pairs, real, sum_sq, padded = counts
+    flops_per_s = flops.train(real, sum_sq) / elapsed
+    return {
+        "pairs_per_s": pairs * world / elapsed,
+        "tokens_per_s": real * world / elapsed,
+        "padding_share": 1 - real / max(1.0, padded),
+        "model_tflops_per_device": flops_per_s / 1e12,
+        "mfu": flops_per_s / peak_flops,
+    }
+
+
 def matmul_peak_flops(device: torch.device, dtype: torch.dtype | None = None, size: int | None = None) -> float:
     """Best FLOP/s of a square matmul on `device` in `dtype` (default: the training dtype): the MFU denominator,
     measured rather than taken from a spec sheet, so clocks, power caps and CPU cores are accounted for."""

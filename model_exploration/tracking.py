@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from model_exploration.errors import UserError
+from model_exploration.keys import REPO_ROOT
 from model_exploration.reporting import write_atomic
 
 SECRET_ENV_KEYS = ("WANDB_API_KEY", "HUGGINGFACE_TOKEN", "HF_TOKEN", "KAGGLE_KEY")
@@ -20,7 +21,7 @@ def load_env(path: str | Path | None = None) -> None:
     that replaces `huggingface-cli login`, so no token is written to disk or printed."""
     from dotenv import load_dotenv
 
-    candidates = [Path(path)] if path else [Path.cwd() / ".env", Path(__file__).resolve().parents[1] / ".env"]
+    candidates = [Path(path)] if path else [Path.cwd() / ".env", REPO_ROOT / ".env"]
     for candidate in candidates:
         if candidate.is_file():
             load_dotenv(candidate, override=False)

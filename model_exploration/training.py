@@ -90,15 +90,10 @@ class MixtureTrainer(SentenceTransformerTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and not self.token_counter.empty:
             elapsed = max(1e-9, time.perf_counter() - self._since)
-            pairs, real, sum_sq, padded = self.token_counter.read()
-            world = distributed.world_size()  # rates are this rank's x world size (ranks run the same steps)
-            flops_per_s = self.flops.train(real, sum_sq) / elapsed
-            logs["pairs_per_s"] = round(pairs * world / elapsed, 2)
-            logs["tokens_per_s"] = round(real * world / elapsed, 1)
-            logs["padding_share"] = round(1 - real / max(1, padded), 4)
+            rates = throughput.training_rates(self.token_counter.read(), elapsed, self.flops, self.peak_flops,
+                                              distributed.world_size())  # fmt: skip
             # significant digits, not decimals: a small model on CPU runs at 1e-4 TFLOP/s, not 0
-            logs["model_tflops_per_device"] = float(f"{flops_per_s / 1e12:.4g}")
-            logs["mfu"] = float(f"{flops_per_s / self.peak_flops:.4g}")
+            logs.update({name: float(f"{value:.4g}") for name, value in rates.items()})
             self._since = time.perf_counter()
         super().log(logs, start_time)
 

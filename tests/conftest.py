@@ -12,7 +12,7 @@ os.environ.update(
     TOKENIZERS_PARALLELISM="false",
 )  # fmt: skip
 
-from helpers import REPO, build_tiny_model  # noqa: E402 - the environment above must be set first
+from helpers import REPO_ROOT, build_tiny_model  # noqa: E402 - the environment above must be set first
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +28,7 @@ def tiny_model_no_dropout(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_beir(tmp_path_factory) -> Path:
     """A real SciFact slice: 40 test claims, their cited abstracts and 300 other abstracts, in BEIR layout."""
-    src = REPO / "data" / "scifact"
+    src = REPO_ROOT / "data" / "scifact"
     with gzip.open(src / "corpus.jsonl.gz", "rt") as f:
         corpus = [json.loads(line) for line in f]
     lines = (src / "qrels" / "test.tsv").read_text().splitlines()

@@ -6,8 +6,9 @@ import os
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-ENTRY = REPO / "model_exploration" / "st_trainer_ddp_hf.py"
+from model_exploration.keys import REPO_ROOT
+
+ENTRY = REPO_ROOT / "model_exploration" / "st_trainer_ddp_hf.py"
 
 
 def minilm_path() -> Path:

@@ -8,13 +8,13 @@ import subprocess
 
 import pytest
 
-from helpers import ENTRY, PYTHON, REPO, subprocess_env
+from helpers import ENTRY, PYTHON, REPO_ROOT, subprocess_env
 
 TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def _worker(script: str, model, out) -> dict:
-    result = subprocess.run([*TORCHRUN, str(REPO / "tests" / script), str(model), str(out)], capture_output=True,
+    result = subprocess.run([*TORCHRUN, str(REPO_ROOT / "tests" / script), str(model), str(out)], capture_output=True,
                             text=True, env=subprocess_env(), timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text())
@@ -51,7 +51,7 @@ def _run(tiny_model, out, *extra, launcher=TORCHRUN):
     cmd = [*launcher, str(ENTRY), "--stage", "sample", "--model_name", str(tiny_model), "--output_base", str(out),
            "--batch_size", "8", "--gradient_accumulation_steps", "1", "--wb_mode", "disabled", "--logging_steps", "1",
            "--nrows", "48", "--max_datapoints_per_src_for_eval", "0", "--num_proc", "1", *extra]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO_ROOT, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from sentence_transformers import SentenceTransformer
 
-from helpers import REPO
+from helpers import REPO_ROOT
 from model_exploration import cli
 from model_exploration.encoding import encode_fast, token_budget_batches
 
@@ -29,10 +29,10 @@ def test_fast_encoder_equals_sentence_transformers_encode(tiny_model):
 
 
 def test_readme_documents_every_flag_and_its_test_command_is_what_ci_runs():
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO_ROOT / "README.md").read_text()
     for action in cli.build_parser()._actions:
         for flag in action.option_strings:
             if flag.startswith("--") and flag != "--help":
                 assert f"`{flag}`" in readme, flag
     test_command = re.search(r"## Tests\s+```bash\n(.+?)\n```", readme).group(1)
-    assert test_command in (REPO / ".ci" / "run").read_text()
+    assert test_command in (REPO_ROOT / ".ci" / "run").read_text()

@@ -12,7 +12,7 @@ from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 from sentence_transformers.util import quantize_embeddings
 
-from helpers import REPO
+from helpers import REPO_ROOT
 from model_exploration import compare, evaluation, retrieval
 from model_exploration.benchmarks import load_beir_folder, validation_benchmark
 from model_exploration.errors import UserError
@@ -62,7 +62,7 @@ def test_metrics_agree_with_trec_eval_on_the_bundled_scifact_test_split():
     """A deterministic lexical (TF-IDF) run over the whole bundled SciFact test split, real qrels."""
     from sklearn.feature_extraction.text import TfidfVectorizer
 
-    bench = load_beir_folder(REPO / "data" / "scifact")
+    bench = load_beir_folder(REPO_ROOT / "data" / "scifact")
     qs = bench.query_sets[0]
     vectorizer = TfidfVectorizer().fit(bench.corpus_texts)
     scores = torch.from_numpy(

@@ -9,7 +9,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-from helpers import REPO, subprocess_env
+from helpers import REPO_ROOT, subprocess_env
 from model_exploration import cli, models, unpadded
 from model_exploration.encoding import encode_fast
 from model_exploration.training import PreemptionCallback, TokenCounter
@@ -170,7 +170,7 @@ def test_gpu_defaults_pretokenize_and_feed_workers(monkeypatch):
 
 
 def test_gpu_check_refuses_to_run_without_a_gpu():
-    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
-                            env=subprocess_env(), cwd=REPO, timeout=120)  # fmt: skip
+    result = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                            env=subprocess_env(), cwd=REPO_ROOT, timeout=120)  # fmt: skip
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith("gpu_check: no CUDA GPU")

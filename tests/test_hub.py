@@ -18,14 +18,14 @@ from xml.etree import ElementTree
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import ENTRY, PYTHON, REPO, subprocess_env
+from helpers import ENTRY, PYTHON, REPO_ROOT, subprocess_env
 from model_exploration import data, fetch, pubmed, st_trainer_ddp_hf
 from model_exploration.errors import UserError
 from model_exploration.fetch import Mirror
 from model_exploration.sources import load_registry
 
-FIXTURE = REPO / "tests" / "fixtures" / "hub"
-PUBMED_XML = REPO / "tests" / "fixtures" / "pubmed-xml"
+FIXTURE = REPO_ROOT / "tests" / "fixtures" / "hub"
+PUBMED_XML = REPO_ROOT / "tests" / "fixtures" / "pubmed-xml"
 
 # The first (anchor, positive[, negative]) each source yields, and how many rows it drops for an empty text.
 # A text ending in "…" is a prefix. These are what the hub's real columns hold for the first fixture row.
@@ -225,7 +225,7 @@ def test_hub_download_resumes_a_partial_file_and_checks_md5(ncbi, tmp_path):
 
 
 def test_hub_prefetch_fetches_pubmed_once_and_training_reads_it_offline(ncbi, tmp_path, monkeypatch, capsys):
-    prefetch = load_script(REPO / "data_prep" / "prefetch.py")
+    prefetch = load_script(REPO_ROOT / "data_prep" / "prefetch.py")
     base, _, served = ncbi
     monkeypatch.setenv("ST_PUBMED_BASELINE_URL", base)
     mixture = tmp_path / "pubmed.yaml"

@@ -1,14 +1,16 @@
 """Long-run behaviour: preemption by SIGTERM, and a two-node torchrun rendezvous on this machine."""
 
 import json
+import queue
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
 
-from helpers import ENTRY, PYTHON, REPO, subprocess_env
+from helpers import ENTRY, PYTHON, REPO_ROOT, subprocess_env
 
 
 def _base(tiny_model, out, *extra):
@@ -26,17 +28,23 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted
     steps = "30"
     cmd = _base(tiny_model, tmp_path, "--max_steps", steps, "--eval_and_save_steps", "1000", "--run_name", "pre")
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(), cwd=REPO
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(), cwd=REPO_ROOT
     )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     output = []
-    deadline = time.time() + 240
-    for line in proc.stdout:
-        output.append(line)
-        if "'loss'" in line or time.time() > deadline:
-            break
+    while not any("'loss'" in line for line in output):  # training has started: a step was logged
+        try:
+            output.append(lines.get(timeout=240))
+        except queue.Empty:
+            proc.kill()
+            pytest.fail("no training step logged within 240 s:\n" + "".join(output)[-3000:])
     proc.send_signal(signal.SIGTERM)  # what SLURM sends before it kills a job
-    rest, _ = proc.communicate(timeout=120)
-    log = "".join(output) + rest
+    proc.wait(timeout=120)
+    time.sleep(0.5)  # the reader thread drains what the process wrote last
+    while not lines.empty():
+        output.append(lines.get())
+    log = "".join(output)
     assert proc.returncode == 0, log[-3000:]
     checkpoints = sorted((tmp_path / "pre").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     assert len(checkpoints) == 1 and (checkpoints[0] / "trainer_state.json").exists(), log[-3000:]
@@ -46,12 +54,12 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted
 
     resumed = subprocess.run(
         _base(tiny_model, tmp_path, "--max_steps", steps, "--resume_checkpoint_path", str(tmp_path / "pre")),
-        capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=300,
+        capture_output=True, text=True, env=subprocess_env(), cwd=REPO_ROOT, timeout=300,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     uninterrupted = subprocess.run(
         _base(tiny_model, tmp_path, "--max_steps", steps, "--eval_and_save_steps", "1000", "--run_name", "full"),
-        capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=300,
+        capture_output=True, text=True, env=subprocess_env(), cwd=REPO_ROOT, timeout=300,
     )  # fmt: skip
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     after = _losses_and_lrs(tmp_path / "pre" / f"checkpoint-{steps}")
@@ -80,7 +88,7 @@ def test_two_nodes_rendezvous_on_loopback(tiny_model, tmp_path):
             stderr=subprocess.STDOUT,
             text=True,
             env=subprocess_env(),
-            cwd=REPO,
+            cwd=REPO_ROOT,
         )  # fmt: skip
         for _ in range(2)
     ]
@@ -104,19 +112,19 @@ def _write_mixture(tmp_path, sources):
     return mixture
 
 
-def _torchrun(tiny_model, tmp_path, mixture, *extra):
+def _torchrun(tiny_model, tmp_path, mixture, *extra, timeout=600):
     cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ENTRY),
            "--mixture", str(mixture), "--model_name", str(tiny_model), "--output_base", str(tmp_path / "runs"),
            "--batch_size", "8", "--gradient_accumulation_steps", "1", "--wb_mode", "disabled",
            "--max_datapoints_per_src_for_eval", "0", "--eval_benchmarks", "--run_name", "r", *extra]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=600)
+    return subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), cwd=REPO_ROOT, timeout=timeout)
 
 
 def test_an_error_on_one_rank_ends_every_rank_quickly(tiny_model, tmp_path):
     mixture = _write_mixture(tmp_path, [("broken", ['{"q": "a", "p": "b"}', '{"q": "unterminated'], 1)])
-    start = time.time()
-    result = _torchrun(tiny_model, tmp_path, mixture, "--max_steps", "5")
-    assert result.returncode != 0 and time.time() - start < 120
+    # a hang (rank 1 waiting for rank 0's cache until --ddp_timeout_minutes) would run into the subprocess timeout
+    result = _torchrun(tiny_model, tmp_path, mixture, "--max_steps", "5", timeout=300)
+    assert result.returncode != 0
     assert "malformed JSON at" in result.stderr and "broken.jsonl:2" in result.stderr
 
 

@@ -112,10 +112,20 @@ def test_gradcache_with_token_chunks_gives_the_plain_loss_gradients(tiny_model):
             assert torch.allclose(grads_got[name], grad, atol=1e-6, rtol=1e-3), name
 
 
-def test_model_flops_count_every_dense_weight_and_attention(tiny_model):
+def test_model_flops_equal_torch_flop_counter(tiny_model):
+    """EncoderFlops' count (dense weights + attention, on real tokens) against torch's own FLOP counter on the
+    unpadded forward, which computes exactly the model FLOPs (no padding, no pooler)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
     from model_exploration import throughput
 
-    flops = throughput.EncoderFlops.of(SentenceTransformer(str(tiny_model), device="cpu"))
-    # 2 layers x (QKV + output 4 x 64^2, FFN 2 x 64 x 128); the pooler is not part of the embedding
-    assert (flops.dense_params, flops.layers, flops.hidden) == (2 * (4 * 64 * 64 + 2 * 64 * 128), 2, 64)
-    assert flops.train(10, 100) == 3 * (2 * flops.dense_params * 10 + 4 * 2 * 64 * 100)
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    unpadded.enable_unpadded(model)
+    features = model.preprocess(["one two three four five", "six seven eight nine ten"])  # equal lengths: one bucket
+    lengths = features["attention_mask"].sum(1).double()
+    # SDPA's math backend runs attention as matmuls, which the counter sees (fused CPU kernels it does not)
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(features)
+    expected = throughput.EncoderFlops.of(model).forward(lengths.sum().item(), lengths.square().sum().item())
+    assert counter.get_total_flops() == expected
