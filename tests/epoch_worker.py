@@ -54,8 +54,6 @@ def features(rows: list[list[int]], pad: int) -> dict:
 def main(model_dir: str, out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    model = SentenceTransformer(model_dir, device="cpu")
-    unpadded.enable_unpadded(model)
     data = DatasetDict(
         {
             name: Dataset.from_dict({"anchor": anchors, "positive": [f"passage for {a} number {i}" for i, a in enumerate(anchors)]})
@@ -65,6 +63,9 @@ def main(model_dir: str, out: str) -> None:
     report = {}
     for loss_kind in ("mnrl", "cached"):
         for same_source in (False, True):
+            # a fresh model per run: DDP hooks its parameters, and a second DDP over them would reduce twice
+            model = SentenceTransformer(model_dir, device="cpu")
+            unpadded.enable_unpadded(model)
             loss = (
                 GatheredMNRLoss(model, gather_across_devices=True)
                 if loss_kind == "mnrl"
