@@ -1,7 +1,6 @@
 """Numbers that hold at several ranks (2 gloo ranks on CPU): gathered negatives with uneven batches, checkpoints
-complete on every rank, evaluation equal to one process's."""
+complete on every rank (evaluation equal to one process's: test_training.py's torchrun run)."""
 
-import csv
 import json
 import shutil
 import subprocess
@@ -13,17 +12,20 @@ from helpers import ENTRY, PYTHON, REPO_ROOT, subprocess_env
 TORCHRUN = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def _worker(script: str, model, out) -> dict:
-    result = subprocess.run([*TORCHRUN, str(REPO_ROOT / "tests" / script), str(model), str(out)], capture_output=True,
-                            text=True, env=subprocess_env(), timeout=600)  # fmt: skip
+@pytest.fixture(scope="module")
+def worker_report(tiny_model_no_dropout, tmp_path_factory) -> dict:
+    """tests/distributed_worker.py, once under torchrun for both tests below."""
+    out = tmp_path_factory.mktemp("distributed") / "report.json"
+    result = subprocess.run([*TORCHRUN, str(REPO_ROOT / "tests" / "distributed_worker.py"), str(tiny_model_no_dropout),
+                             str(out)], capture_output=True, text=True, env=subprocess_env(), timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text())
 
 
-def test_gathered_losses_equal_one_process_on_the_concatenated_batch(tiny_model_no_dropout, tmp_path):
+def test_gathered_losses_equal_one_process_on_the_concatenated_batch(worker_report):
     """MNRL, GradCache (by texts and by tokens) and the binary-aware loss, with equal and with unequal halves
-    (9 + 3 rows): loss and gradients equal one process's loss on all 12 rows (tests/gathered_loss_worker.py)."""
-    report = _worker("gathered_loss_worker.py", tiny_model_no_dropout, tmp_path / "ranks.json")
+    (9 + 3 rows): loss and gradients equal one process's loss on all 12 rows."""
+    report = worker_report["losses"]
     for split in ("equal", "unequal"):
         for kind in ("mnrl", "cached", "cached_tokens", "binary"):
             row = report[f"{split}/{kind}"]
@@ -34,12 +36,12 @@ def test_gathered_losses_equal_one_process_on_the_concatenated_batch(tiny_model_
         assert abs(report[f"{split}/local_mnrl"] - report[f"{split}/mnrl"]["reference_loss"]) > 1e-3
 
 
-def test_an_epoch_of_uneven_batches_gathers_exactly(tiny_model_no_dropout, tmp_path):
+def test_an_epoch_of_uneven_batches_gathers_exactly(worker_report):
     """Our trainer for one epoch of a 20-row source, a duplicate-heavy source and an oversampled source (batch 8):
     every step's loss equals one process's MNRL on both ranks' batches concatenated, with MNRL and GradCache,
-    with and without same-source global batches (tests/epoch_worker.py). sentence-transformers' own gather
-    aborts on gloo at the first uneven step (and hangs on NCCL)."""
-    report = _worker("epoch_worker.py", tiny_model_no_dropout, tmp_path / "epochs.json")
+    with and without same-source global batches. sentence-transformers' own gather aborts on gloo at the first
+    uneven step (and hangs on NCCL)."""
+    report = worker_report["epochs"]
     assert set(report) == {f"{loss}/same_source={s}" for loss in ("mnrl", "cached") for s in (False, True)}
     for variant, row in report.items():
         assert row["steps"] == row["global_steps"] == [6, 6], variant  # round((20 + 36 + 3 x 13) / 8) = 12 batches
@@ -91,27 +93,3 @@ def test_a_checkpoint_missing_a_ranks_file_is_skipped_and_the_resume_matches(tin
     for step in (4, 5, 6):
         assert continued[step][1] == pytest.approx(reference[step][1], rel=1e-6), step  # same LR
         assert continued[step][0] == pytest.approx(reference[step][0], abs=1e-4), step  # same batches, weights, RNG
-
-
-def test_benchmark_rows_under_torchrun_equal_one_process_at_another_max_length(tiny_model, small_beir, tmp_path):
-    """Training at 32 tokens, evaluating at 64: both ranks encode their shards at 64 (the length travels with
-    every encode call), so the starting model's rows equal one process's rows at 64, and differ from rows at 32."""
-    from sentence_transformers import SentenceTransformer
-
-    from model_exploration import unpadded
-    from model_exploration.benchmarks import load_beir_folder
-    from model_exploration.evaluation import RetrievalEvaluator
-
-    _run(tiny_model, tmp_path, "--max_steps", "1", "--model_max_len", "32", "--eval_max_len", "64",
-         "--eval_benchmarks", f"beir:{small_beir}", "--run_name", "r")  # fmt: skip
-    with (tmp_path / "r" / "results.csv").open() as f:  # the sample stage benchmarks its starting model too
-        rows = next(r for r in csv.DictReader(f) if r["model"].endswith("(before)") and r["precision"] == "float32")
-    rows = {k: float(v) for k, v in rows.items() if k not in ("model", "benchmark", "precision")}
-    model = SentenceTransformer(str(tiny_model), device="cpu")
-    unpadded.enable_unpadded(model)  # as in training
-    bench = [load_beir_folder(small_beir)]
-    one_process = RetrievalEvaluator(bench, max_seq_length=64).compute_rows(model)["beir:scifact_small"]
-    at_32 = RetrievalEvaluator(bench, max_seq_length=32).compute_rows(model)["beir:scifact_small"]
-    for metric in ("mrr@1", "mrr@10", "ndcg@1", "ndcg@5", "ndcg@10", "recall@10", "map@100"):
-        assert rows[metric] == pytest.approx(one_process[metric], abs=1e-6), metric
-    assert any(abs(one_process[m] - at_32[m]) > 1e-4 for m in ("ndcg@10", "map@100", "mrr@10"))

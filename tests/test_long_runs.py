@@ -11,6 +11,7 @@ import time
 import pytest
 
 from helpers import ENTRY, PYTHON, REPO_ROOT, subprocess_env
+from model_exploration.lr_schedule import custom_lr
 
 
 def _base(tiny_model, out, *extra):
@@ -24,9 +25,16 @@ def _losses_and_lrs(checkpoint):
     return {h["step"]: (h["loss"], h["learning_rate"]) for h in state["log_history"] if "loss" in h}
 
 
+SCHEDULE = ("--lr", "1e-3", "--cosine_cycle_steps_custom", "4")  # a ripple every 4 steps: resumed LRs are checkable
+
+
 def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted_one(tiny_model, tmp_path):
+    """SIGTERM mid-run -> checkpoint at the current step, exit 0; resuming from the run folder continues with the
+    same batches, losses and learning rates as an uninterrupted run, and the LRs are the custom schedule's."""
     steps = "30"
-    cmd = _base(tiny_model, tmp_path, "--max_steps", steps, "--eval_and_save_steps", "1000", "--run_name", "pre")
+    cmd = _base(
+        tiny_model, tmp_path, "--max_steps", steps, "--eval_and_save_steps", "1000", "--run_name", "pre", *SCHEDULE
+    )
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env(), cwd=REPO_ROOT
     )
@@ -53,19 +61,22 @@ def test_sigterm_saves_a_checkpoint_and_the_resumed_run_matches_an_uninterrupted
     assert not (tmp_path / "pre" / "final").exists()
 
     resumed = subprocess.run(
-        _base(tiny_model, tmp_path, "--max_steps", steps, "--resume_checkpoint_path", str(tmp_path / "pre")),
+        _base(tiny_model, tmp_path, "--max_steps", steps, "--resume_checkpoint_path", str(tmp_path / "pre"), *SCHEDULE),
         capture_output=True, text=True, env=subprocess_env(), cwd=REPO_ROOT, timeout=300,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     uninterrupted = subprocess.run(
-        _base(tiny_model, tmp_path, "--max_steps", steps, "--eval_and_save_steps", "1000", "--run_name", "full"),
+        _base(tiny_model, tmp_path, "--max_steps", steps, "--eval_and_save_steps", "1000", "--run_name", "full", *SCHEDULE),
         capture_output=True, text=True, env=subprocess_env(), cwd=REPO_ROOT, timeout=300,
     )  # fmt: skip
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
     after = _losses_and_lrs(tmp_path / "pre" / f"checkpoint-{steps}")
     reference = _losses_and_lrs(tmp_path / "full" / f"checkpoint-{steps}")
+    # warmup: ceil(0.1 x 30) = 3 steps; HF logs at step s the LR its optimizer step s used: the schedule at s - 1
+    schedule = dict(lr_max=1e-3, lr_min=5e-6, warmup_steps=3, total_steps=30, cycle_steps=4, magnitude_fraction=0.1)
     for step in range(stopped + 1, int(steps) + 1):
         assert after[step][1] == pytest.approx(reference[step][1], rel=1e-6), step  # same LR
+        assert after[step][1] == pytest.approx(custom_lr(step - 1, **schedule), rel=1e-3), step
         assert after[step][0] == pytest.approx(reference[step][0], abs=1e-4), step  # same batches and weights
 
 

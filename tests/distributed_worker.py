@@ -1,10 +1,13 @@
-"""Run under `torchrun --nproc_per_node 2`: one epoch of our trainer on a mixture whose micro-batches differ in
-size across ranks (a 20-row source, a duplicate-heavy source, an oversampled 13-row source; batch 8), gathering
-negatives across ranks with MNRL and with GradCache, with and without same-source global batches.
+"""Run under `torchrun --nproc_per_node 2` (see test_distributed.py); rank 0 writes both reports as JSON.
 
-The learning rate is 0 and the model has no dropout, so every step's loss is a function of its batches alone:
-rank 0 recomputes each step's loss as one process's MNRL on the concatenation of both ranks' batches and
-compares it with the mean over ranks of what the trainer computed. Rank 0 writes the comparison as JSON."""
+losses: losses with negatives gathered across ranks (ours, losses.py) vs one process's loss on the concatenated
+  batch, for equal and unequal per-rank batches: MNRL, GradCache (by texts and by tokens), the binary-aware loss.
+epochs: one epoch of our trainer on a mixture whose micro-batches differ in size across ranks (a 20-row source, a
+  duplicate-heavy source, an oversampled 13-row source; batch 8), gathering negatives with MNRL and with GradCache,
+  with and without same-source global batches. The learning rate is 0 and the model has no dropout, so every
+  step's loss is a function of its batches alone: rank 0 recomputes each step's loss as one process's MNRL on the
+  concatenation of both ranks' batches and compares it with the mean over ranks of what the trainer computed.
+"""
 
 import json
 import sys
@@ -18,15 +21,75 @@ from sentence_transformers import SentenceTransformer, SentenceTransformerTraini
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
 from model_exploration import unpadded
+from model_exploration.binary import BinaryAwareMNRLoss, BinarySurrogate
 from model_exploration.losses import GatheredCachedMNRLoss, GatheredMNRLoss
 from model_exploration.pretokenize import pad_ids
 from model_exploration.training import MixtureTrainer
+
+PAIRS = 12
+SPLITS = {"equal": 6, "unequal": 9}  # rows of rank 0; rank 1 takes the rest
+LOSSES = {
+    "mnrl": lambda model, gather: GatheredMNRLoss(model, gather_across_devices=gather),
+    "cached": lambda model, gather: GatheredCachedMNRLoss(model, mini_batch_size=4, gather_across_devices=gather),
+    "cached_tokens": lambda model, gather: GatheredCachedMNRLoss(
+        model, mini_batch_size=8, mini_batch_num_tokens=60, gather_across_devices=gather
+    ),
+    "binary": lambda model, gather: BinaryAwareMNRLoss(
+        model, BinarySurrogate("tanh"), float_weight=0.5, gather_across_devices=gather
+    ),
+}
+
 
 SOURCES = {  # with batch 8 and 2 ranks, 5 of 6 steps (3 of 6 with same-source global batches) are uneven
     "twenty": ([f"small source query {i}" for i in range(20)], 1.0),
     "duplicates": ([f"repeated question {i % 6}" for i in range(36)], 1.0),  # 6 distinct anchors
     "oversampled": ([f"oversampled query {i}" + " more" * (i % 5) for i in range(13)], 3.0),
 }
+
+
+def losses_report(model_dir: str) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = SentenceTransformer(model_dir, device="cpu")  # built without dropout: train mode is deterministic
+    unpadded.enable_unpadded(model)
+    model.train()
+    queries = [f"question {i} about topic {i % 5}" + " detail" * (i % 4) for i in range(PAIRS)]
+    passages = [f"passage {i} answers topic {i % 5}." + " More evidence here." * (i % 7) for i in range(PAIRS)]
+    negatives = [f"an unrelated note {i}" + " filler" * (i % 3) for i in range(PAIRS)]
+
+    def run(loss, rows) -> tuple[float, dict]:
+        """Loss and gradients as DDP combines them: mean over ranks of each rank's loss and gradients."""
+        model.zero_grad()
+        value = loss([model.preprocess(column[rows]) for column in (queries, passages, negatives)], None)
+        value.backward()
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        grads = {}
+        for name, param in model.named_parameters():
+            if param.grad is not None:
+                dist.all_reduce(param.grad)
+                grads[name] = param.grad / world
+        return value.item() / world, grads
+
+    report = {}
+    for split, first in SPLITS.items():
+        rows = slice(0, first) if rank == 0 else slice(first, PAIRS)
+        report[f"{split}/local_mnrl"] = run(LOSSES["mnrl"](model, False), rows)[0]
+        for kind, make in LOSSES.items():
+            value, grads = run(make(model, True), rows)
+            if rank == 0:
+                model.zero_grad()
+                reference = make(model, False)([model.preprocess(c) for c in (queries, passages, negatives)], None)
+                reference.backward()
+                ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+                shared = set(ref) & set(grads)
+                report[f"{split}/{kind}"] = {
+                    "loss": value,
+                    "reference_loss": reference.item(),
+                    "grads_compared": len(shared),
+                    "max_grad": max(g.abs().max().item() for g in ref.values()),
+                    "max_grad_diff": max((grads[n] - ref[n]).abs().max().item() for n in shared),
+                }
+    return report
 
 
 class RecordingTrainer(MixtureTrainer):
@@ -51,8 +114,7 @@ def features(rows: list[list[int]], pad: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-def main(model_dir: str, out: str) -> None:
-    dist.init_process_group("gloo")
+def epochs_report(model_dir: str) -> dict:
     rank = dist.get_rank()
     data = DatasetDict(
         {
@@ -86,9 +148,7 @@ def main(model_dir: str, out: str) -> None:
             dist.all_gather_object(everyone, {"steps": trainer.steps, "global_step": trainer.state.global_step})
             if rank == 0:
                 report[f"{loss_kind}/same_source={same_source}"] = compare(model, everyone)
-    if rank == 0:
-        Path(out).write_text(json.dumps(report))
-    dist.destroy_process_group()
+    return report
 
 
 def compare(model, ranks: list[dict]) -> dict:
@@ -109,6 +169,14 @@ def compare(model, ranks: list[dict]) -> dict:
         "uneven_steps": uneven,
         "max_loss_diff": max(diffs),
     }
+
+
+def main(model_dir: str, out: str) -> None:
+    dist.init_process_group("gloo")
+    report = {"losses": losses_report(model_dir), "epochs": epochs_report(model_dir)}
+    if dist.get_rank() == 0:
+        Path(out).write_text(json.dumps(report))
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
