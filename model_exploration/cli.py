@@ -238,6 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="custom schedule: ripple amplitude as a fraction of the decayed LR",
     )
     g.add_argument(
+        "--matryoshka_dims",
+        type=_positive_int,
+        nargs="+",
+        default=None,
+        metavar="DIM",
+        help="Matryoshka: train the loss on the first DIM dimensions too (e.g. 384 256 128 64; the full dimension "
+        "is always included), so that truncated embeddings retrieve well; benchmarks report each DIM, float and "
+        "(with --bat) 1-bit",
+    )
+    g.add_argument(
         "--bat",
         nargs="?",
         const="ste",

@@ -61,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="padded tokens per encoding batch (texts are sorted by token count; see encoding.py)",
     )
     p.add_argument("--max_seq_length", type=int, default=None, help="default: each model's own")
+    p.add_argument(
+        "--dims",
+        type=int,
+        nargs="+",
+        default=(),
+        metavar="DIM",
+        help="also score each model on its embeddings truncated to these dimensions (Matryoshka), from the same "
+        "corpus encoding, float and (with --precision ubinary) 1-bit; adds an NDCG@10-vs-bytes chart",
+    )
     p.add_argument("--no_charts", action="store_true", help="skip the PNG bar charts")
     p.add_argument(
         "--hub_dir",
@@ -136,7 +145,8 @@ def run(argv: list[str] | None = None) -> dict:
     def signature(model_name: str) -> str:
         rescore = args.rescore_multiplier if precisions[model_name] == "ubinary" else 0
         identical = "ignore" if args.ignore_identical_ids else "keep"
-        return f"{precisions[model_name]}|rescore={rescore}|max_len={args.max_seq_length}|identical_ids={identical}"
+        dims = ",".join(map(str, sorted(args.dims)))
+        return f"{precisions[model_name]}|rescore={rescore}|max_len={args.max_seq_length}|identical_ids={identical}|dims={dims}"
 
     args.benchmarks = list(dict.fromkeys(canonical_spec(b) for b in args.benchmarks))
     loaded: dict[str, list] = {}
@@ -160,6 +170,7 @@ def run(argv: list[str] | None = None) -> dict:
                         precisions=("float32", precisions[model_name]),
                         rescore_multiplier=args.rescore_multiplier,
                         ignore_identical_ids=args.ignore_identical_ids,
+                        dims=args.dims,
                     )
                 )
             evaluation.add_group_means(rows, loaded[spec])

@@ -126,9 +126,7 @@ def _clean(text: str, cleaner: str | None) -> str:
 
 
 def _check_columns(spec: SourceSpec, first: dict[str, Any]) -> None:
-    wanted = (
-        [spec.pair_from_list] if spec.pair_from_list else [c for c in (spec.anchor, spec.positive, spec.negative) if c]
-    )
+    wanted = [spec.pair_from_list] if spec.pair_from_list else list(spec.column_paths.values())
     for path in wanted:
         try:
             resolve_path(first, path)
@@ -152,7 +150,7 @@ def _extract_rows(rows: list[dict[str, Any]], indices: list[int], spec: SourceSp
             pair = random.Random(f"{seed}:{index}").sample(members, 2) if len(members) >= 2 else ["", ""]
             texts = dict(zip(("anchor", "positive"), pair))
         else:
-            paths = dict(zip(("anchor", "positive", "negative"), (spec.anchor, spec.positive, spec.negative)))
+            paths = spec.column_paths
             texts = {}
             for column in spec.columns:
                 try:

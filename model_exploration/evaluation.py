@@ -62,16 +62,24 @@ def evaluate_benchmark(
     precisions: Sequence[str] = ("float32",),
     rescore_multiplier: int = 0,
     ignore_identical_ids: bool = True,
+    dims: Sequence[int] = (),
 ) -> dict[str, dict]:
-    """Metrics per query set (and their mean), for float and, if asked, ubinary search.
+    """Metrics per query set (and their mean), for float and, if asked, ubinary search, at the full dimension and at
+    each of `dims` (Matryoshka: the embeddings truncated to their first d dimensions, renormalized by the cosine
+    search, binarized as they are: one encoding of the corpus serves every dimension).
 
-    Returns {row name: {metric: value, "ubinary": {...}, "ubinary_rescore": {...}}}; binary sections carry
-    bytes_per_vector and retention_<metric> (binary / float). With `ignore_identical_ids` (BEIR's and MTEB's
+    Returns {row name: {metric: value, "bytes_per_vector": n, "ubinary": {...}, "ubinary_rescore": {...},
+    "dims": {"256": {metric: value, ..., "ubinary": {...}}, ...}}}; binary sections carry bytes_per_vector and
+    retention_<metric> (binary / float at the same dimension). With `ignore_identical_ids` (BEIR's and MTEB's
     default) a document whose id is the query's id is never a hit, unless the benchmark's own protocol keeps it."""
     ignore_identical_ids = ignore_identical_ids and not benchmark.keeps_identical_ids
     k = max(MAP_CUTOFF, max(CUTOFFS))
     depth = k + 1 if ignore_identical_ids else k  # one more, so k remain after dropping the query itself
-    corpus_packed = quantize_embeddings(corpus_emb.numpy(), "ubinary") if "ubinary" in precisions else None
+    full = corpus_emb.shape[1]
+    truncations = [full] + sorted({d for d in dims if d < full}, reverse=True)
+    packed = {
+        d: quantize_embeddings(corpus_emb[:, :d].numpy(), "ubinary") for d in truncations if "ubinary" in precisions
+    }
     rows: dict[str, dict] = {}
     for qs in benchmark.query_sets:
         query_emb = encode_queries(qs.query_texts)
@@ -82,19 +90,24 @@ def evaluate_benchmark(
                 ranked = drop_identical_ids(ranked, qs.query_ids, k)
             return ir_metrics(ranked, [qs.relevant[q] for q in qs.query_ids])
 
-        row = score(float_search(query_emb, corpus_emb, depth))
-        row["bytes_per_vector"] = int(corpus_emb.shape[1] * 4)
-        if corpus_packed is not None:
-            query_packed = quantize_embeddings(query_emb.numpy(), "ubinary")
-            variants = {"ubinary": binary_search(query_packed, corpus_packed, depth)}
-            if rescore_multiplier > 0:
-                candidates = binary_search(query_packed, corpus_packed, depth * rescore_multiplier)
-                variants["ubinary_rescore"] = rescore(query_emb, corpus_packed, candidates, depth)
-            for variant, positions in variants.items():
-                metrics = score(positions)
-                metrics["bytes_per_vector"] = int(corpus_packed.shape[1])
-                metrics.update({f"retention_{m}": metrics[m] / row[m] if row[m] else 0.0 for m in TABLE_COLUMNS})
-                row[variant] = metrics
+        per_dim = {}
+        for d in truncations:
+            queries, corpus = query_emb[:, :d], corpus_emb[:, :d]
+            row = score(float_search(queries, corpus, depth)) | {"bytes_per_vector": 4 * d}
+            if d in packed:
+                query_packed = quantize_embeddings(queries.numpy(), "ubinary")
+                variants = {"ubinary": binary_search(query_packed, packed[d], depth)}
+                if rescore_multiplier > 0:
+                    candidates = binary_search(query_packed, packed[d], depth * rescore_multiplier)
+                    variants["ubinary_rescore"] = rescore(queries, packed[d], candidates, depth)
+                for variant, positions in variants.items():
+                    metrics = score(positions) | {"bytes_per_vector": int(packed[d].shape[1])}
+                    metrics.update({f"retention_{m}": metrics[m] / row[m] if row[m] else 0.0 for m in TABLE_COLUMNS})
+                    row[variant] = metrics
+            per_dim[d] = row
+        row = per_dim.pop(full)
+        if per_dim:
+            row["dims"] = {str(d): per_dim[d] for d in per_dim}
         rows[qs.name] = row
     if benchmark.mean_name and len(rows) > 1:
         rows[benchmark.mean_name] = mean_rows(list(rows.values()))
@@ -142,8 +155,10 @@ class RetrievalEvaluator(BaseEvaluator):
         show_progress_bar: bool = False,
         precisions: tuple[str, ...] = ("float32",),
         ignore_identical_ids: bool = True,
+        dims: Sequence[int] = (),
     ):
         super().__init__()
+        self.dims = tuple(dims)
         self.show_progress_bar = show_progress_bar
         self.precisions = precisions
         self.benchmarks = benchmarks
@@ -166,7 +181,12 @@ class RetrievalEvaluator(BaseEvaluator):
             corpus_emb = encode_texts(benchmark.corpus_texts)
             rows.update(
                 evaluate_benchmark(
-                    benchmark, corpus_emb, encode_texts, self.precisions, ignore_identical_ids=self.ignore_identical_ids
+                    benchmark,
+                    corpus_emb,
+                    encode_texts,
+                    self.precisions,
+                    ignore_identical_ids=self.ignore_identical_ids,
+                    dims=self.dims,
                 )
             )
         return add_group_means(rows, self.benchmarks)
@@ -174,15 +194,18 @@ class RetrievalEvaluator(BaseEvaluator):
     def __call__(self, model, output_path: str | None = None, epoch: int = -1, steps: int = -1) -> dict[str, float]:
         self.last_rows = self.compute_rows(model)
         self.last_step = steps
-        metrics = {}
-        for row, values in self.last_rows.items():
-            for metric, value in values.items():
-                if isinstance(value, dict):  # binary sections: row/ubinary/metric
-                    metrics.update({f"{row}/{metric}/{m}": v for m, v in value.items() if m != "bytes_per_vector"})
-                elif metric != "bytes_per_vector":
-                    metrics[f"{row}/{metric}"] = value
+        metrics = dict(_flat_metrics(self.last_rows))
         metrics[PRIMARY_METRIC] = self.last_rows[self.primary_row][PRIMARY_METRIC]
         return self.prefix_name_to_metrics(metrics, self.name)
+
+
+def _flat_metrics(section: dict, prefix: str = ""):
+    """(name, value) of every metric in nested result rows: row/metric, row/ubinary/metric, row/dims/256/metric."""
+    for key, value in section.items():
+        if isinstance(value, dict):
+            yield from _flat_metrics(value, f"{prefix}{key}/")
+        elif key != "bytes_per_vector":
+            yield f"{prefix}{key}", value
 
 
 def prepare_evaluators(
@@ -192,6 +215,7 @@ def prepare_evaluators(
     max_seq_length: int | None = None,
     precisions: tuple[str, ...] = ("float32",),
     ignore_identical_ids: bool = True,
+    dims: Sequence[int] = (),
 ):
     """In-training evaluators: per-source validation retrieval (primary: their mean NDCG@10) and the chosen
     benchmarks. Encoding goes through SentenceTransformer.encode, which sentence-transformers shares across DDP
@@ -204,7 +228,7 @@ def prepare_evaluators(
             f"val/{s.spec.name}",
             s.validation["anchor"],
             s.validation["positive"],
-            s.validation["negative"] if "negative" in s.validation.column_names else None,
+            [t for c in s.validation.column_names if c.startswith("negative") for t in s.validation[c]] or None,
             group=group,
         )
         for s in with_validation
@@ -221,6 +245,7 @@ def prepare_evaluators(
                 precisions=precisions,
                 show_progress_bar=True,
                 ignore_identical_ids=ignore_identical_ids,
+                dims=dims,
             )
         )
     if not evaluators:

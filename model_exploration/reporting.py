@@ -54,14 +54,22 @@ def markdown_table(results: dict[str, dict[str, dict]]) -> str:
             row = per_model.get(bench)
             if row is None:
                 continue
-            variants = [(model, row, "")] + [
-                (f"{model} ({v})", row[v], f"{row[v]['retention_ndcg@10']:.3f}") for v in BINARY_VARIANTS if v in row
-            ]
-            for label, values, retention in variants:
+            for label, values, _ in variants_of(model, row):
+                retention = f"{values['retention_ndcg@10']:.3f}" if "retention_ndcg@10" in values else ""
                 cells = " | ".join(f"{values[c]:.4f}" for c in TABLE_COLUMNS)
                 lines.append(f"| {label} | {cells} | {values['bytes_per_vector']} | {retention} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def variants_of(model: str, row: dict) -> list[tuple[str, dict, str]]:
+    """(label, metrics, precision) of every way a row was searched: float and binary at the full dimension, then
+    at each truncated dimension (Matryoshka), largest first. Precision reads `ubinary@256` for a truncation."""
+    out = [(model, row, "float32")] + [(f"{model} ({v})", row[v], v) for v in BINARY_VARIANTS if v in row]
+    for dim, section in row.get("dims", {}).items():
+        out.append((f"{model} (dim {dim})", section, f"float32@{dim}"))
+        out += [(f"{model} (dim {dim}, {v})", section[v], f"{v}@{dim}") for v in BINARY_VARIANTS if v in section]
+    return out
 
 
 def flatten(results: dict[str, dict[str, dict]]) -> list[dict]:
@@ -69,7 +77,7 @@ def flatten(results: dict[str, dict[str, dict]]) -> list[dict]:
     records = []
     for model, per_model in results.items():
         for bench, row in per_model.items():
-            for precision, values in [("float32", row)] + [(v, row[v]) for v in BINARY_VARIANTS if v in row]:
+            for _, values, precision in variants_of(model, row):
                 records.append(
                     {"model": model, "benchmark": bench, "precision": precision}
                     | {k: v for k, v in values.items() if not isinstance(v, dict)}
@@ -100,7 +108,19 @@ def write_results(
         write_charts(results, output_dir)
 
 
+def _short(label: str) -> str:
+    return "/".join(Path(label).parts[-2:]) if os.sep in label else label  # run/final, org/model
+
+
+def _save(fig, output_dir: Path, name: str) -> None:
+    tmp = output_dir / f".{name}.tmp"
+    fig.savefig(tmp, dpi=100, format="png")
+    os.replace(tmp, output_dir / name)
+
+
 def write_charts(results: dict[str, dict[str, dict]], output_dir: Path) -> None:
+    """Per benchmark row: a bar chart of the table's metrics (full dimension, float and binary), and where rows
+    were scored at several dimensions, NDCG@10 against bytes per vector, one line per model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,14 +128,13 @@ def write_charts(results: dict[str, dict[str, dict]], output_dir: Path) -> None:
 
     benchmarks = list(dict.fromkeys(b for per_model in results.values() for b in per_model))
     for bench in benchmarks:
+        rows = {model: per_model[bench] for model, per_model in results.items() if bench in per_model}
         labels, values = [], []
-        for model, per_model in results.items():
-            if bench not in per_model:
-                continue
-            row = per_model[bench]
-            for label, v in [(model, row)] + [(f"{model} ({p})", row[p]) for p in BINARY_VARIANTS if p in row]:
-                labels.append("/".join(Path(label).parts[-2:]) if os.sep in label else label)  # run/final, org/model
-                values.append([v[c] for c in TABLE_COLUMNS])
+        for model, row in rows.items():
+            for label, v, precision in variants_of(model, row):
+                if "@" not in precision:
+                    labels.append(_short(label))
+                    values.append([v[c] for c in TABLE_COLUMNS])
         fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(TABLE_COLUMNS)), 4))
         width = 0.8 / max(1, len(labels))
         for i, (label, vals) in enumerate(zip(labels, values)):
@@ -127,7 +146,23 @@ def write_charts(results: dict[str, dict[str, dict]], output_dir: Path) -> None:
         ax.legend(fontsize=7)
         fig.tight_layout()
         name = slug(bench.replace(".", "_"))
-        tmp = output_dir / f".chart_{name}.png.tmp"
-        fig.savefig(tmp, dpi=100, format="png")
-        os.replace(tmp, output_dir / f"chart_{name}.png")
+        _save(fig, output_dir, f"chart_{name}.png")
         plt.close(fig)
+        if any("dims" in row for row in rows.values()):
+            fig, ax = plt.subplots(figsize=(7, 4.5))
+            for model, row in rows.items():
+                points = sorted(
+                    (v["bytes_per_vector"], v["ndcg@10"])
+                    for _, v, precision in variants_of(model, row)
+                    if not precision.startswith("ubinary_rescore")
+                )
+                ax.plot(*zip(*points), marker="o", label=_short(model))
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("bytes per vector (float32 and 1-bit, each truncation)")
+            ax.set_ylabel("NDCG@10")
+            ax.set_title(f"{bench}: quality against index size")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            _save(fig, output_dir, f"chart_{name}_ndcg_vs_bytes.png")
+            plt.close(fig)

@@ -35,7 +35,7 @@ class SourceSpec:
     split: str = "train"
     anchor: str | None = None
     positive: str | None = None
-    negative: str | None = None
+    negative: str | tuple[str, ...] | None = None  # one column path, or several (columns negative_1..k)
     pair_from_list: str | None = None
     clean: str | None = None
     weight: float = 1.0
@@ -43,6 +43,8 @@ class SourceSpec:
     expand_configs: bool = False
     # why the columns could not be checked against a public card (shown by --dry_run)
     unverified: str | None = None
+    # how the negatives were mined (data_prep/mine_hard_negatives.py writes it; shown by --dry_run)
+    mined: str | None = None
     # Stage-1 replay: the specs it samples from and how many rows of each (None: every row)
     replay_of: tuple[SourceSpec, ...] = ()
     rows_per_source: int | None = None
@@ -52,9 +54,23 @@ class SourceSpec:
         return self.negative is not None
 
     @property
+    def negatives(self) -> tuple[str, ...]:
+        """Column paths of the negatives (none, one, or several)."""
+        if self.negative is None:
+            return ()
+        return (self.negative,) if isinstance(self.negative, str) else tuple(self.negative)
+
+    @property
     def columns(self) -> list[str]:
         """Output columns, in the order MultipleNegativesRankingLoss reads them."""
-        return ["anchor", "positive"] + (["negative"] if self.negative else [])
+        if len(self.negatives) > 1:
+            return ["anchor", "positive"] + [f"negative_{i}" for i in range(1, len(self.negatives) + 1)]
+        return ["anchor", "positive"] + (["negative"] if self.negatives else [])
+
+    @property
+    def column_paths(self) -> dict[str, str]:
+        """Output column -> column path in the source's rows."""
+        return dict(zip(self.columns, (self.anchor, self.positive, *self.negatives)))
 
     def local_path(self) -> Path:
         path = Path(self.data_files)
@@ -80,10 +96,23 @@ class SourceSpec:
         cols = (
             f"two of {self.pair_from_list}[]"
             if self.pair_from_list
-            else " -> ".join(c for c in (self.anchor, self.positive, self.negative) if c)
+            else " -> ".join(c for c in (self.anchor, self.positive, *self.negatives) if c)
         )
         unverified = f"  [schema unverified: {self.unverified}]" if self.unverified else ""
-        return f"{where}: {cols}{unverified}"
+        mined = f"  [mined: {self.mined}]" if self.mined else ""
+        return f"{where}: {cols}{unverified}{mined}"
+
+
+def registry_entry(spec: SourceSpec) -> dict[str, Any]:
+    """A spec as a registry entry (the fields that differ from their defaults), e.g. to write a mixture file."""
+    defaults = SourceSpec(name=spec.name)
+    skip = {"replay_of", "rows_per_source"}
+    entry = {
+        f.name: getattr(spec, f.name)
+        for f in dataclasses.fields(SourceSpec)
+        if f.name not in skip and getattr(spec, f.name) != getattr(defaults, f.name) or f.name == "name"
+    }
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in entry.items()}
 
 
 def _parse_source(raw: dict[str, Any], registry: str) -> SourceSpec:
@@ -92,7 +121,9 @@ def _parse_source(raw: dict[str, Any], registry: str) -> SourceSpec:
     name = raw.get("name", "?")
     if unknown:
         raise UserError(f"{registry}: source {name!r} has unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
-    spec = SourceSpec(**{k: (str(v) if k == "config" else v) for k, v in raw.items()})
+    spec = SourceSpec(
+        **{k: (str(v) if k == "config" else tuple(v) if isinstance(v, list) else v) for k, v in raw.items()}
+    )
     if spec.fetch not in FETCH_WAYS:
         raise UserError(f"{registry}: source {name!r} has fetch {spec.fetch!r}; use one of {FETCH_WAYS}")
     if spec.fetch in ("hub", "parquet_export") and not spec.hub:
@@ -194,16 +225,20 @@ def build_dataset_configs_s2(
 def build_dataset_configs_file(
     path: str | Path, enable: list[str] | None = None, disable: list[str] | None = None
 ) -> list[SourceSpec]:
-    """A user's own mixture file (same format as mixtures/*.yaml); relative `data_files` of local sources are
-    relative to the file's folder."""
+    """A user's own mixture file (same format as mixtures/*.yaml, a `stage1_replay:` section included); relative
+    `data_files` of local sources are relative to the file's folder."""
     path = Path(path).resolve()
-    specs, _ = _read_registry(path)
+    specs, extra = _read_registry(path)
     specs = [
         dataclasses.replace(s, data_files=str(path.parent / s.data_files))
         if s.fetch == "jsonl" and not Path(s.data_files).is_absolute()
         else s
         for s in specs
     ]
+    replay = extra.get("stage1_replay")
+    if replay:
+        rows = int(replay.get("rows_per_source", 0)) or None
+        specs.append(stage1_replay(replay["weight"], rows, bool(replay.get("triplets")), name=replay["name"]))
     return _select(specs, enable, disable)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from datasets import DatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
+from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 
 from model_exploration import binary, cli, distributed, evaluation, pretokenize, reporting, tracking, unpadded
 from model_exploration.benchmarks import load_benchmarks
@@ -157,26 +158,37 @@ def load_model(args, mirror: Mirror) -> tuple[SentenceTransformer, int]:
         logger.warning("--model_max_len %d exceeds the model's %d positions; using %d", wanted, limit, limit)
     if args.unpad and unpadded.enable_unpadded(model):
         logger.info("unpadded forward on: dense layers and attention skip padding tokens (--no_unpad to turn off)")
+    too_large = [d for d in args.matryoshka_dims or () if d > model.get_embedding_dimension()]
+    if too_large:
+        raise UserError(
+            f"--matryoshka_dims {too_large}: the model's embeddings have {model.get_embedding_dimension()} dimensions"
+        )
     freeze_unused_pooler(model)
     return model, native_max_len
 
 
 def build_loss(args, model, surrogate: binary.BinarySurrogate | None):
     """MNRL, its GradCache form (--mini_batch_size) or the binary-aware MNRL (--bat); all gather negatives
-    across ranks with --gather_across_devices, for any per-rank batch sizes (losses.py)."""
+    across ranks with --gather_across_devices, for any per-rank batch sizes (losses.py); wrapped in
+    sentence-transformers' MatryoshkaLoss with --matryoshka_dims."""
     gather = args.gather_across_devices
     if surrogate:
-        return binary.BinaryAwareMNRLoss(
+        loss = binary.BinaryAwareMNRLoss(
             model, surrogate, float_weight=args.bat_float_weight, gather_across_devices=gather
         )
-    if args.mini_batch_size:
-        return GatheredCachedMNRLoss(
+    elif args.mini_batch_size:
+        loss = GatheredCachedMNRLoss(
             model,
             mini_batch_size=args.mini_batch_size,
             mini_batch_num_tokens=args.mini_batch_tokens,
             gather_across_devices=gather,
         )
-    return GatheredMNRLoss(model, gather_across_devices=gather)
+    else:
+        loss = GatheredMNRLoss(model, gather_across_devices=gather)
+    if args.matryoshka_dims:
+        dims = sorted(set(args.matryoshka_dims) | {model.get_embedding_dimension()}, reverse=True)
+        loss = MatryoshkaLoss(model, loss, matryoshka_dims=dims)
+    return loss
 
 
 def training_arguments(args, output_dir: Path, has_evaluator: bool) -> SentenceTransformerTrainingArguments:
@@ -263,7 +275,7 @@ def run(argv: list[str] | None = None) -> None:
 
     precisions = ("float32", "ubinary") if args.bat else ("float32",)
     evaluator = prepare_evaluators(sources, benchmarks, args.eval_batch_size, args.eval_max_len or native_max_len,
-                                   precisions, args.ignore_identical_ids)  # fmt: skip
+                                   precisions, args.ignore_identical_ids, args.matryoshka_dims or ())  # fmt: skip
     benchmark_evaluator = evaluation.member(evaluator, "benchmarks")
     starting_rows = (
         evaluation.benchmark_rows(model, benchmark_evaluator) if args.stage == "sample" and not resume_from else {}

@@ -1,0 +1,117 @@
+"""Mine hard negatives for the pair sources of a mixture and write the mixture that trains on them.
+
+    python data_prep/mine_hard_negatives.py --stage sample --out mined/        # all pair sources, the stage's model
+    python model_exploration/st_trainer_ddp_hf.py --mixture mined/mixture.yaml ...   # train on the triplets
+
+It takes the trainer's flags (same mixture, model, --seed, --nrows, caches and --hub_dir), reads each source through
+the same data path as training (its cached training split: held-out validation rows are never mined or trained
+on), mines with sentence-transformers' mine_hard_negatives (model_exploration/negatives.py: guard, defaults) and
+writes, under --out: `<source>_mined.jsonl` (anchor, positive, negative[_1..k]), `<source>_mined.json` (statistics
+and settings) and `mixture.yaml`, the mixture with each mined pair source replaced by its triplet source (same
+weight; other sources and the Stage-1 replay unchanged). `--dry_run` on that mixture shows how each was mined.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from model_exploration import cli, tracking, unpadded
+from model_exploration.data import load_and_cache_datasets
+from model_exploration.errors import UserError, exit_status
+from model_exploration.models import load_sentence_transformer
+from model_exploration.negatives import (
+    DEFAULT_NUM_NEGATIVES,
+    DEFAULT_RELATIVE_MARGIN,
+    MiningSettings,
+    mine_source,
+    write_mined,
+    write_mixture,
+)
+from model_exploration.sources import registry_entry
+from model_exploration.st_trainer_ddp_hf import make_mirror, mixture_specs
+
+logger = logging.getLogger("mine_hard_negatives")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = cli.build_parser()
+    parser.prog = "mine_hard_negatives.py"
+    parser.description = __doc__
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    g = parser.add_argument_group("mining")
+    g.add_argument("--out", required=True, type=Path, help="folder for the mined sources and mixture.yaml")
+    g.add_argument("--sources", nargs="+", default=None, metavar="NAME", help="pair sources to mine (default: all)")
+    g.add_argument("--mining_model", default=None, help="the model that mines (default: --model_name, the trainee)")
+    g.add_argument("--relative_margin", type=float, default=DEFAULT_RELATIVE_MARGIN,
+                   help="false-negative guard: keep a candidate only if its similarity to the anchor is at least this "
+                   "fraction below the positive's (0.05: NV-Retriever's 95%% filter)")  # fmt: skip
+    g.add_argument("--num_negatives", type=int, default=DEFAULT_NUM_NEGATIVES, help="negatives per pair")
+    g.add_argument("--range_max", type=int, default=50, help="candidates considered per anchor (nearest first)")
+    g.add_argument("--mining_batch_size", type=int, default=64, help="texts per encoding batch while mining")
+    return parser
+
+
+def run(argv: list[str] | None) -> Path:
+    args = cli.parse_args(argv, build_parser())
+    tracking.load_env()
+    cache_dir = Path(args.cache_dir or Path(args.output_base) / "cache")
+    mirror = make_mirror(args, cache_dir)
+    specs = mixture_specs(args)
+    sources = load_and_cache_datasets([s for s in specs if not s.replay_of], cache_dir, args.nrows, args.seed,
+                                      args.max_datapoints_per_src_for_eval, args.n_data_src, mirror, args.num_proc)  # fmt: skip
+    names = {s.spec.name for s in sources}
+    unknown = set(args.sources or ()) - names
+    if unknown:
+        raise UserError(f"--sources: unknown source(s) {sorted(unknown)}; the mixture has {sorted(names)}")
+    settings = MiningSettings(args.mining_model or args.model_name, args.relative_margin, args.num_negatives,
+                              args.range_max, args.seed, args.mining_batch_size)  # fmt: skip
+    model = load_sentence_transformer(mirror.model(settings.model_name), flag="--mining_model", inference_dtype=True)
+    if args.model_max_len:
+        model.max_seq_length = args.model_max_len
+    unpadded.enable_unpadded(model)
+    entries = []
+    for source in sources:
+        wanted = source.spec.name in (args.sources or names) and not source.spec.negatives
+        if not wanted:
+            entries.append(registry_entry(source.spec))
+            continue
+        started = time.perf_counter()
+        rows, stats = mine_source(source.train, model, settings)
+        stats["seconds"] = round(time.perf_counter() - started, 1)
+        if not rows:  # nothing passed the guard: the pairs stay as they are
+            logger.warning("%s: no candidate passed the guard (relative margin %s); kept as pairs",
+                           source.spec.name, settings.relative_margin)  # fmt: skip
+            entries.append(registry_entry(source.spec))
+            continue
+        entries.append(write_mined(args.out, source.spec, rows, stats, settings))
+    replay = next((s for s in specs if s.replay_of), None)
+    replay_section = (
+        {
+            "name": replay.name,
+            "weight": replay.weight,
+            "rows_per_source": replay.rows_per_source or 0,
+            "triplets": any(m.negatives for m in replay.replay_of),
+        }  # fmt: skip
+        if replay
+        else None
+    )
+    write_mixture(args.out / "mixture.yaml", entries, replay_section)
+    return args.out / "mixture.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+    def report() -> None:
+        mixture = run(argv)
+        print(f"wrote {mixture}; train with: python model_exploration/st_trainer_ddp_hf.py --mixture {mixture} ...")
+
+    return exit_status(report)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""Quality features: hard-negative mining (data_prep/mine_hard_negatives.py), Matryoshka training and evaluation at
+several dimensions from one encoding, the NDCG-vs-bytes chart."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from sentence_transformers import SentenceTransformer
+
+from helpers import REPO_ROOT
+from model_exploration import compare, evaluation, st_trainer_ddp_hf, unpadded
+from model_exploration.benchmarks import load_beir_folder
+from model_exploration.data import load_and_cache_datasets
+from model_exploration.sources import build_dataset_configs_file, build_dataset_configs_sample
+
+
+def _miner():
+    spec = importlib.util.spec_from_file_location("mine", REPO_ROOT / "data_prep" / "mine_hard_negatives.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def mined(tiny_model, tmp_path_factory):
+    """The sample stage's pairs (first 120 rows of each source) mined twice with the same seed by the tiny model.
+    Its random weights score every passage alike, so the guard is tightened to a margin of 0.002 to keep some."""
+    runs = tmp_path_factory.mktemp("mined")
+    outs = []
+    for attempt in ("a", "b"):
+        argv = ["--stage", "sample", "--model_name", str(tiny_model), "--nrows", "120", "--relative_margin", "0.002",
+                "--output_base", str(runs / "runs"), "--out", str(runs / attempt)]  # fmt: skip
+        assert _miner().main(argv) == 0
+        outs.append(runs / attempt)
+    return outs, runs / "runs" / "cache"
+
+
+def test_mining_is_seeded_and_never_mines_a_positive_or_a_validation_row(mined, tiny_model):
+    (first, second), cache = mined
+    files = sorted(first.glob("*_mined.jsonl"))
+    assert len(files) == 3
+    for file in files:
+        assert file.read_text() == (second / file.name).read_text()  # same seed, same negatives
+    specs = build_dataset_configs_sample()
+    sources = {s.spec.name: s for s in load_and_cache_datasets(specs, cache, nrows=120, seed=42, max_eval=20)}
+    for name, source in sources.items():
+        rows = [json.loads(line) for line in (first / f"{name}_mined.jsonl").open()]
+        positives: dict[str, set] = {}
+        for anchor, positive in zip(source.train["anchor"], source.train["positive"]):
+            positives.setdefault(anchor, set()).add(positive)
+        train_pairs = set(zip(source.train["anchor"], source.train["positive"]))
+        assert rows and all(r["negative"] not in positives[r["anchor"]] for r in rows), name
+        # mined from the training split only: its pairs, negatives among its passages (never a validation row)
+        assert {(r["anchor"], r["positive"]) for r in rows} <= train_pairs, name
+        assert {r["negative"] for r in rows} <= set(source.train["positive"]), name
+
+
+def test_mined_negatives_pass_the_false_negative_guard(mined, tiny_model):
+    (first, _), _ = mined
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    rows = [json.loads(line) for line in (first / "scifact_train_mined.jsonl").open()][:40]
+
+    def cosine(a, b):
+        return torch.nn.functional.cosine_similarity(
+            model.encode(a, convert_to_tensor=True), model.encode(b, convert_to_tensor=True)
+        )
+
+    anchors = [r["anchor"] for r in rows]
+    positive, negative = cosine(anchors, [r["positive"] for r in rows]), cosine(anchors, [r["negative"] for r in rows])
+    assert (negative <= positive - 0.002 * positive.abs() + 1e-5).all()  # at least 0.2% below the positive
+
+
+def test_the_mined_mixture_reads_as_triplets_and_says_how_it_was_mined(mined, capsys):
+    (first, _), cache = mined
+    specs = build_dataset_configs_file(first / "mixture.yaml")
+    assert all(s.negatives == ("negative",) and s.mined and "scifact_train" in specs[0].mined for s in specs)
+    sources = load_and_cache_datasets(specs, cache, seed=42, max_eval=0)
+    assert all(s.train.column_names == ["anchor", "positive", "negative"] for s in sources)
+    assert st_trainer_ddp_hf.main(["--mixture", str(first / "mixture.yaml"), "--dry_run"]) == 0
+    assert "[mined: 1 hard negative(s) per pair of scifact_train by" in capsys.readouterr().out
+
+
+def test_truncated_dimensions_score_as_truncated_embeddings(tiny_model, small_beir):
+    """Each `dims` section equals an evaluation of the embeddings cut to that dimension, float and 1-bit; one
+    encoding serves them all."""
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    unpadded.enable_unpadded(model)
+    bench = load_beir_folder(small_beir)
+    corpus = evaluation.encode(model, bench.corpus_texts, 32, False)
+    encoded = []
+
+    def queries(texts):
+        encoded.append(len(texts))
+        return evaluation.encode(model, texts, 32, False)
+
+    row = evaluation.evaluate_benchmark(bench, corpus, queries, ("float32", "ubinary"), dims=(32, 16))[bench.name]
+    assert encoded == [len(bench.query_sets[0].query_ids)] and set(row["dims"]) == {"32", "16"}
+    query_emb = queries(bench.query_sets[0].query_texts)
+    for d in (32, 16):
+        alone = evaluation.evaluate_benchmark(
+            bench, corpus[:, :d], lambda t, d=d: query_emb[:, :d], ("float32", "ubinary")
+        )
+        section, reference = row["dims"][str(d)], alone[bench.name]
+        floats = {k: v for k, v in section.items() if k != "ubinary"}
+        assert floats == pytest.approx({k: v for k, v in reference.items() if k != "ubinary"})
+        assert section["ubinary"] == pytest.approx(reference["ubinary"])
+        assert section["bytes_per_vector"] == 4 * d and section["ubinary"]["bytes_per_vector"] == d // 8
+
+
+def test_matryoshka_training_and_the_bytes_chart(tiny_model, small_beir, tmp_path):
+    argv = ["--stage", "sample", "--model_name", str(tiny_model), "--output_base", str(tmp_path), "--run_name", "m",
+            "--nrows", "40", "--max_steps", "2", "--batch_size", "8", "--gradient_accumulation_steps", "1",
+            "--max_datapoints_per_src_for_eval", "0", "--eval_benchmarks", f"beir:{small_beir}",
+            "--matryoshka_dims", "32", "16", "--wb_mode", "disabled"]  # fmt: skip
+    assert st_trainer_ddp_hf.main(argv) == 0
+    rows = json.loads((tmp_path / "m" / "results.json").read_text())["beir:scifact_small"]
+    assert set(rows["dims"]) == {"32", "16"}
+    card = (tmp_path / "m" / "final" / "README.md").read_text()
+    assert "MatryoshkaLoss" in card and "matryoshka_dims" in card  # the model card records the loss
+    out = tmp_path / "cmp"
+    assert compare.main(["--models", str(tmp_path / "m" / "final"), str(tiny_model), "--benchmarks",
+                         f"beir:{small_beir}", "--output_dir", str(out), "--dims", "32", "16", "--precision",
+                         "ubinary"]) == 0  # fmt: skip
+    assert (out / "chart_beir_scifact_small_ndcg_vs_bytes.png").stat().st_size > 0
+    table = (out / "results.md").read_text()
+    assert "(dim 16, ubinary)" in table and "(dim 32)" in table
