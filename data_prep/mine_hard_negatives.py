@@ -38,11 +38,7 @@ logger = logging.getLogger("mine_hard_negatives")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.build_parser()
-    parser.prog = "mine_hard_negatives.py"
-    parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    g = parser.add_argument_group("mining")
+    parser, g = cli.tool_parser("mine_hard_negatives.py", __doc__, "mining")
     g.add_argument("--out", required=True, type=Path, help="folder for the mined sources and mixture.yaml")
     g.add_argument("--sources", nargs="+", default=None, metavar="NAME", help="pair sources to mine (default: all)")
     g.add_argument("--mining_model", default=None, help="the model that mines (default: --model_name, the trainee)")

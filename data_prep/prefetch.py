@@ -32,11 +32,7 @@ logger = logging.getLogger("prefetch")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.build_parser()
-    parser.prog = "prefetch.py"
-    parser.description = __doc__
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    g = parser.add_argument_group("prefetch")
+    parser, g = cli.tool_parser("prefetch.py", __doc__, "prefetch")
     g.add_argument("--out", required=True, type=Path, help="the mirror folder (pass it to training as --hub_dir)")
     g.add_argument("--skip_sources", action="store_true", help="fetch no training source")
     g.add_argument("--skip_model", action="store_true", help="do not fetch --model_name")

@@ -341,6 +341,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def tool_parser(prog: str, description: str, group: str) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
+    """The trainer's parser for a data_prep tool that reads the same mixture (every data flag means what it means
+    in training), and an argument group for the tool's own flags."""
+    parser = build_parser()
+    parser.prog, parser.description = prog, description
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    return parser, parser.add_argument_group(group)
+
+
 DEFAULT_BENCHMARKS = {"1": ["nanobeir"], "2": ["nanobeir", "nasa_smd", "nasa_sde"], "sample": ["beir:data/scifact"]}
 
 
