@@ -12,7 +12,6 @@ and marked complete last; other ranks wait at a barrier and read it. A folder wi
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import html
 import json
 import logging
@@ -22,6 +21,7 @@ import re
 import shutil
 import tempfile
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
 
 from model_exploration import distributed
 from model_exploration.errors import UserError
-from model_exploration.fetch import Mirror, default_root, read_files
+from model_exploration.fetch import Mirror, default_root, iter_jsonl, read_files
 from model_exploration.keys import short_hash
 from model_exploration.sources import SourceSpec
 
@@ -54,23 +54,8 @@ class SourceData:
 
 
 def read_jsonl(path: Path, context: str, nrows: int | None = None) -> list[dict[str, Any]]:
-    """Rows of a JSON-lines file (plain or .gz), the first `nrows` if given; a malformed line is a UserError
-    naming `context` (the source or benchmark), the file and the line number."""
-    path = Path(path)
-    rows = []
-    with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if nrows is not None and len(rows) >= nrows:
-                break
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise UserError(
-                    f"{context}: malformed JSON at {path}:{lineno} ({exc.msg}); fix or remove that line"
-                ) from None
-    return rows
+    """The rows (the first `nrows` if given) of a JSON-lines file; malformed lines as fetch.iter_jsonl says."""
+    return list(islice(iter_jsonl(path, context), nrows))
 
 
 def load_raw(spec: SourceSpec, mirror: Mirror, nrows: int | None, work_dir: Path, num_proc: int = 1):

@@ -40,6 +40,8 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -532,33 +534,31 @@ def _write_json(path: Path, payload: Any) -> None:
 # ---------------------------------------------------------------- reading (the same for every mirror)
 
 
+def iter_jsonl(path: str | Path, context: str) -> Iterator[dict[str, Any]]:
+    """The rows of a JSON-lines file (plain or .gz), streamed; a malformed line is a UserError naming `context`
+    (the source or benchmark), the file and the line number."""
+    path = Path(path)
+    with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(
+                    f"{context}: malformed JSON at {path}:{lineno} ({exc.msg}); fix or remove that line"
+                ) from None
+
+
 def _arxiv_rows(paths: list[str], limit: int | None = None):
     """id, title, abstract of the Kaggle snapshot's JSON lines (its other fields mix types Arrow cannot hold)."""
-    n = 0
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                if limit is not None and n >= limit:
-                    return
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(f"source 'arxiv': malformed JSON at {path}:{lineno} ({exc.msg})") from None
-                n += 1
-                yield {
-                    "id": str(row.get("id") or ""),
-                    "title": row.get("title") or "",
-                    "abstract": row.get("abstract") or "",
-                }
+    rows = (row for path in paths for row in iter_jsonl(path, "source 'arxiv'"))
+    for row in islice(rows, limit):
+        yield {"id": str(row.get("id") or ""), "title": row.get("title") or "", "abstract": row.get("abstract") or ""}
 
 
 def _pubmed_rows(paths: list[str], limit: int | None = None):
-    for n, record in enumerate(pubmed.read_records(paths)):
-        if limit is not None and n >= limit:
-            return
-        yield record
+    yield from islice(pubmed.read_records(paths), limit)
 
 
 def read_files(files: FileSet, nrows: int | None, work_dir: Path, num_proc: int = 1):
