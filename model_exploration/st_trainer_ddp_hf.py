@@ -4,9 +4,11 @@ torchrun DDP, and finish with a benchmark table.
     python model_exploration/st_trainer_ddp_hf.py --stage sample --model_name PATH --wb_mode disabled
     torchrun --nproc_per_node=auto model_exploration/st_trainer_ddp_hf.py --stage 2 ...
 
-The run, top to bottom: parse flags -> resolve the mixture -> (dry run: print the plan, stop) -> join the process
-group -> pick the run folder -> load the model -> build/read the source caches (rank 0 builds) -> evaluators ->
-[sample stage: benchmark the starting model] -> train (resumable) -> save -> benchmark -> results.json / .md.
+The run, top to bottom: parse flags -> resolve the mixture and its mirror (fetch.py) -> (dry run: print the plan;
+--build_caches_only: build them) -> join the process group -> pick the run folder -> load the model -> load the
+benchmarks (rank 0 fetches) -> with --hub_dir, check every input is in the mirror -> write the run folder ->
+build/read the source caches (rank 0 builds) -> evaluators -> [sample stage: benchmark the starting model] ->
+train (resumable) -> save -> benchmark -> results.json / .md.
 """
 
 from __future__ import annotations
