@@ -119,7 +119,7 @@ def check_equal(model_dir: Path) -> dict:
                 setattr(unpadded, attr, counted(getattr(unpadded, attr), calls, kernel))
         model.eval()
         features = [model.preprocess(queries), model.preprocess(passages)]
-        features = [{k: v.cuda() for k, v in f.items()} for f in features]
+        features = [{k: v.cuda() if torch.is_tensor(v) else v for k, v in f.items()} for f in features]
         with torch.autocast("cuda", dtype=torch.bfloat16):
             embeddings = model(dict(features[1]))["sentence_embedding"].float().detach()
             model.zero_grad()
@@ -168,7 +168,7 @@ def check_syncs(model_dir: Path, work: Path, steps: tuple[int, int] = (3, 8)) ->
     pairs = Dataset.from_dict({"anchor": queries, "positive": passages})
     tokens = pretokenize.tokenize_columns(pairs, model.tokenizer, model.max_seq_length)
     first, last = steps
-    counted: list[int] = []
+    syncs: list[int] = []
 
     class SyncCounter(TrainerCallback):
         def __init__(self):
@@ -184,7 +184,7 @@ def check_syncs(model_dir: Path, work: Path, steps: tuple[int, int] = (3, 8)) ->
         def on_step_end(self, args, state, control, **kwargs):
             if self.caught is not None:
                 torch.cuda.set_sync_debug_mode(0)
-                counted.append(sum("synchroniz" in str(w.message) for w in self.records))
+                syncs.append(sum("synchroniz" in str(w.message) for w in self.records))
                 self.caught.__exit__(None, None, None)
                 self.caught = None
 
@@ -199,7 +199,7 @@ def check_syncs(model_dir: Path, work: Path, steps: tuple[int, int] = (3, 8)) ->
         data_collator=pretokenize.PretokenizedCollator(preprocess_fn=model.preprocess, tokenizer=model.tokenizer),
     )  # fmt: skip
     trainer.train()
-    return {"syncs_per_step": sum(counted) / len(counted), "syncs_by_step": counted}
+    return {"syncs_per_step": sum(syncs) / len(syncs), "syncs_by_step": syncs}
 
 
 def probe(out: Path) -> None:
@@ -220,7 +220,8 @@ def probe(out: Path) -> None:
 def summary(out: Path) -> None:
     probe_report = json.loads((out / "probe.json").read_text())
     bench = json.loads((out / "throughput.json").read_text())
-    state = json.loads(next((out / "sample_run").glob("*/checkpoint-*/trainer_state.json")).read_text())
+    states = sorted((out / "sample_run").glob("*/checkpoint-*/trainer_state.json"), key=lambda p: p.stat().st_mtime)
+    state = json.loads(states[-1].read_text())  # this invocation's run (OUT may hold older ones)
     logged = [h for h in state["log_history"] if "mfu" in h][-1]
     mfu, tflops = logged["mfu"], logged["model_tflops_per_device"]
     gpu = probe_report["versions"]["gpu"]

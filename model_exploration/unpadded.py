@@ -59,12 +59,21 @@ def varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether varlen_attn works on this device and dtype, forward and backward, probed once per process on a tiny
     input (a kernel missing for this GPU or build fails there, not in the middle of a training step). A failure is
     logged with its message; device errors (out of memory, ...) are raised, not taken for a missing kernel."""
-    key = (str(device), dtype)
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else 0
+    key = (f"{device.type}:{index}", dtype)
     if key not in _varlen_usable:
         try:
-            q, k, v = (torch.randn(6, 2, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-            cu = torch.tensor([0, 2, 6], device=device, dtype=torch.int32)
-            _varlen_attention(q, k, v, cu, 4).float().sum().backward()
+            # the probe may run inside the first forward: of a no-grad or inference pass (GradCache's first pass,
+            # encoding), or of a checkpointed layer; it needs its own autograd, untouched by theirs
+            with (
+                torch.inference_mode(False),
+                torch.enable_grad(),
+                torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
+            ):
+                q, k, v = (torch.randn(6, 2, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+                cu = torch.tensor([0, 2, 6], device=device, dtype=torch.int32)
+                _varlen_attention(q, k, v, cu, 4).float().sum().backward()
             _varlen_usable[key] = True
         except Exception as exc:  # noqa: BLE001 - anything but a device error means: no usable kernel here
             if _is_resource_error(exc):
@@ -210,4 +219,7 @@ def enable_unpadded(model) -> int:
         inner._stock_forward = inner.forward
         inner.forward = types.MethodType(unpadded_bert_forward, inner)
         switched += 1
+        device = next(inner.parameters()).device
+        if device.type == "cuda":  # decided now, outside any forward, and logged once
+            varlen_usable(device, torch.bfloat16)
     return switched

@@ -3,6 +3,7 @@ QKV, gradient checkpointing on the unpadded loop, no host-device sync in the ste
 the encoder's padding, frozen pooler, GPU defaults, and gpu_check.sh refusing to run without a GPU."""
 
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -41,6 +42,24 @@ def test_device_errors_surface_and_a_missing_kernel_falls_back_with_its_message(
     monkeypatch.setattr(unpadded, "_varlen_attention", no_kernel)
     assert unpadded.varlen_usable(device, dtype) is False
     assert "RuntimeError: no kernel image is available for execution on the device" in caplog.text
+
+
+def test_the_probe_works_inside_no_grad_inference_and_checkpointed_forwards(monkeypatch):
+    """The first forward can be GradCache's no-grad pass, an encoding under inference mode, or a checkpointed
+    layer: a working kernel must still be found working there."""
+    monkeypatch.setattr(unpadded, "_varlen_attention", lambda q, k, v, cu, n: q * k + v)  # a differentiable stand-in
+    device = torch.device("cpu")
+    with torch.no_grad():
+        assert unpadded.varlen_usable(device, torch.bfloat16)
+    unpadded._varlen_usable.clear()
+    with torch.inference_mode():
+        assert unpadded.varlen_usable(device, torch.bfloat16)
+    unpadded._varlen_usable.clear()
+    x = torch.ones(2, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(
+        lambda y: y * unpadded.varlen_usable(device, torch.float16), x, use_reentrant=False
+    ).sum().backward()
+    assert unpadded._varlen_usable == {("cpu:0", torch.float16): True}
 
 
 def test_a_kernel_that_fails_in_backward_is_not_used(monkeypatch):
@@ -171,6 +190,6 @@ def test_gpu_defaults_pretokenize_and_feed_workers(monkeypatch):
 
 def test_gpu_check_refuses_to_run_without_a_gpu():
     result = subprocess.run(["bash", str(REPO_ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
-                            env=subprocess_env(), cwd=REPO_ROOT, timeout=120)  # fmt: skip
-    assert result.returncode != 0
+                            env={**subprocess_env(), "PYTHON": sys.executable}, cwd=REPO_ROOT, timeout=120)  # fmt: skip
+    assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("gpu_check: no CUDA GPU")
