@@ -48,6 +48,7 @@ from typing import Any
 from model_exploration import pubmed
 from model_exploration.errors import UserError
 from model_exploration.keys import short_hash
+from model_exploration.reporting import write_atomic
 from model_exploration.sources import SourceSpec
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,8 @@ CONFIGS_FILE = "_configs.json"
 KAGGLE_DATASET = "Cornell-University/arxiv"
 KAGGLE_FILE = "arxiv-metadata-oai-snapshot.json"
 FORMATS = ("parquet", "json", "csv", "pubmed_xml", "arxiv_json")
-_DATA_SUFFIX = re.compile(r"\.(parquet|jsonl?|csv|tsv)(\.gz|\.zst|\.bz2|\.xz)?$")
+# files whose first rows make a valid file of the same format (write_head); others are fetched whole
+_HEADABLE = re.compile(r"\.(parquet|jsonl(\.gz)?)$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +173,9 @@ class Mirror:
                 f"a machine with internet: {self.prefetch_hint} --out {self.root}"
             )
         plan = self._plan(spec, nrows)
-        if nrows is not None and plan.repo is not None:  # a smoke test reads the head of the first file only
+        if nrows is not None and (plan.repo is not None or spec.fetch == "pubmed_baseline"):
+            # a smoke test reads the first file only (a hub file's head, PubMed's first baseline file) and the
+            # manifest says so, so that a full run fetches the rest
             return self._fetch(dataclasses.replace(plan, remote=plan.remote[:1]), nrows)
         return self._fetch(plan, None)
 
@@ -199,10 +203,10 @@ class Mirror:
         """Write the manifest of a complete set of files (relative to the checkout): the mark that they are there."""
         meta = {"format": fmt, "files": files, "revision": revision, "head_rows": head_rows, "repo": repo,
                 "fetched": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
-        _write_json(_manifest_path(self.root, checkout, key), meta)
+        write_atomic(_manifest_path(self.root, checkout, key), json.dumps(meta, indent=1))
 
     def record_configs(self, repo: str, configs: list[str]) -> None:
-        _write_json(self.root / hub_checkout(repo, export=True) / CONFIGS_FILE, configs)
+        write_atomic(self.root / hub_checkout(repo, export=True) / CONFIGS_FILE, json.dumps(configs, indent=1))
 
     def _read_manifest(self, checkout: Path, key: str) -> FileSet | None:
         path = _manifest_path(self.root, checkout, key)
@@ -210,12 +214,11 @@ class Mirror:
             return None
         try:
             meta = json.loads(path.read_text())
-            files = [self.root / checkout / f for f in meta["files"]]
-        except (OSError, ValueError, KeyError):
+            found = FileSet(meta["format"], [self.root / checkout / f for f in meta["files"]], meta.get("head_rows"),
+                            meta.get("revision"))  # fmt: skip
+        except (OSError, ValueError, KeyError, TypeError):
             return None  # a damaged manifest: fetched again (or reported missing offline)
-        if not all(f.exists() for f in files):
-            return None
-        return FileSet(meta["format"], files, meta.get("head_rows"), meta.get("revision"))
+        return found if all(f.exists() for f in found.paths) else None
 
     def _plan(self, spec: SourceSpec, nrows: int | None) -> _Plan:
         checkout, key = source_location(spec)
@@ -405,17 +408,14 @@ def _fetch_hub_file(repo: str, revision: str | None, path: str, checkout: Path, 
     head_rows, its first rows only, read through HTTP range requests."""
     from huggingface_hub import hf_hub_download
 
-    if head_rows is None or not _DATA_SUFFIX.search(path):
+    if head_rows is None or not _HEADABLE.search(path):
         hf_hub_download(repo, path, repo_type="dataset", revision=revision, local_dir=checkout)
-        return
-    dest = checkout / path
-    if dest.exists():
         return
     from huggingface_hub import HfFileSystem
 
     url = f"datasets/{repo}@{urllib.parse.quote(revision or 'main', safe='')}/{path}"
     with HfFileSystem().open(url, "rb") as remote:
-        write_head(remote, dest, path, head_rows)
+        write_head(remote, checkout / path, path, head_rows)
 
 
 def _fetch_card(repo: str, revision: str | None, checkout: Path) -> None:
@@ -493,6 +493,7 @@ def fetch_kaggle_snapshot(dest: Path) -> None:
     """The arXiv snapshot through the Kaggle API. Large files arrive zipped (`<file>.zip`): unpacked here."""
     from model_exploration.tracking import load_env
 
+    unzip_snapshot(dest)  # a zip left by an interrupted earlier run
     if dest.exists():
         return
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -515,20 +516,23 @@ def fetch_kaggle_snapshot(dest: Path) -> None:
         raise UserError(
             f"source 'arxiv': Kaggle download of {KAGGLE_DATASET}/{KAGGLE_FILE} failed ({_reason(exc)})"
         ) from None
+    unzip_snapshot(dest)
+
+
+def unzip_snapshot(dest: Path) -> None:
+    """Unpack `<dest>.zip` (how the Kaggle API delivers large files) into `dest`, atomically: an interrupted unpack
+    leaves the zip and no half file, and the next run unpacks again."""
+    import shutil
+    import zipfile
+
     zipped = dest.with_name(dest.name + ".zip")
-    if zipped.exists():
-        import zipfile
-
-        with zipfile.ZipFile(zipped) as archive:
-            archive.extract(KAGGLE_FILE, dest.parent)
-        zipped.unlink()
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
+    if not zipped.exists():
+        return
+    tmp = dest.with_name(dest.name + ".part")
+    with zipfile.ZipFile(zipped) as archive, archive.open(dest.name) as member, tmp.open("wb") as out:
+        shutil.copyfileobj(member, out, 1 << 20)
+    os.replace(tmp, dest)
+    zipped.unlink()
 
 
 # ---------------------------------------------------------------- reading (the same for every mirror)

@@ -23,6 +23,7 @@ BINARY_VARIANTS = ("ubinary", "ubinary_rescore")
 
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary name and rename: a killed run leaves the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -22,7 +22,7 @@ from helpers import ENTRY, PYTHON, REPO_ROOT, subprocess_env
 from model_exploration import data, fetch, pubmed, st_trainer_ddp_hf
 from model_exploration.errors import UserError
 from model_exploration.fetch import Mirror
-from model_exploration.sources import load_registry
+from model_exploration.sources import build_dataset_configs_file, load_registry
 
 FIXTURE = REPO_ROOT / "tests" / "fixtures" / "hub"
 PUBMED_XML = REPO_ROOT / "tests" / "fixtures" / "pubmed-xml"
@@ -233,7 +233,18 @@ def test_hub_prefetch_fetches_pubmed_once_and_training_reads_it_offline(ncbi, tm
         "sources:\n  - {name: pubmed_baseline, fetch: pubmed_baseline, anchor: title, positive: abstract}\n"
     )
     argv = ["--mixture", str(mixture), "--out", str(tmp_path / "mirror"), "--skip_model", "--eval_benchmarks"]
+    # a smoke test's share: the first baseline file, recorded as a head, so the full run below fetches the rest
+    assert prefetch.main([*argv, "--nrows", "3"]) == 0
+    offline = Mirror(tmp_path / "mirror", offline=True)
+    pubmed_spec = build_dataset_configs_file(mixture)[0]
+    assert [p.name for p in offline.source_files(pubmed_spec, 3).paths] == ["pubmed26n0001.xml.gz"]
+    with pytest.raises(UserError, match="holds only its first 3 rows"):
+        offline.source_files(pubmed_spec, None)
     assert prefetch.main(argv) == 0
+    assert [p.name for p in offline.source_files(pubmed_spec, None).paths] == [
+        "pubmed26n0001.xml.gz",
+        "pubmed26n0002.xml.gz",
+    ]
     first = len(served)
     assert prefetch.main(argv) == 0 and len(served) == first  # complete: nothing fetched again
     spec = load_registry("2")[0][1]
