@@ -22,7 +22,7 @@ from pathlib import Path
 from model_exploration import cli, tracking, unpadded
 from model_exploration.data import load_and_cache_datasets
 from model_exploration.errors import UserError, exit_status
-from model_exploration.models import load_sentence_transformer
+from model_exploration.models import load_sentence_transformer, set_max_len
 from model_exploration.negatives import (
     DEFAULT_NUM_NEGATIVES,
     DEFAULT_RELATIVE_MARGIN,
@@ -54,24 +54,27 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: list[str] | None) -> Path:
     args = cli.parse_args(argv, build_parser())
     tracking.load_env()
-    cache_dir = Path(args.cache_dir or Path(args.output_base) / "cache")
+    cache_dir = Path(args.cache_dir)
     mirror = make_mirror(args, cache_dir)
     specs = mixture_specs(args)
+    # names checked before any cache is built; an expanded source ("math/algebra") by its own name or its parent
+    listed = {s.name for s in specs if not s.replay_of}
+    unlisted = sorted(n for n in args.sources or () if n not in listed and n.split("/")[0] not in listed)
+    if unlisted:
+        raise UserError(f"--sources: unknown source(s) {unlisted}; the mixture has {sorted(listed)}")
     sources = load_and_cache_datasets([s for s in specs if not s.replay_of], cache_dir, args.nrows, args.seed,
                                       args.max_datapoints_per_src_for_eval, args.n_data_src, mirror, args.num_proc)  # fmt: skip
-    names = {s.spec.name for s in sources}
-    unknown = set(args.sources or ()) - names
-    if unknown:
-        raise UserError(f"--sources: unknown source(s) {sorted(unknown)}; the mixture has {sorted(names)}")
     settings = MiningSettings(args.mining_model or args.model_name, args.relative_margin, args.num_negatives,
                               args.range_max, args.seed, args.mining_batch_size)  # fmt: skip
     model = load_sentence_transformer(mirror.model(settings.model_name), flag="--mining_model", inference_dtype=True)
     if args.model_max_len:
-        model.max_seq_length = args.model_max_len
+        set_max_len(model, args.model_max_len)
     unpadded.enable_unpadded(model)
     entries = []
     for source in sources:
-        wanted = source.spec.name in (args.sources or names) and not source.spec.negatives
+        name = source.spec.name
+        chosen = not args.sources or name in args.sources or name.split("/")[0] in args.sources
+        wanted = chosen and not source.spec.negatives
         if not wanted:
             entries.append(registry_entry(source.spec))
             continue

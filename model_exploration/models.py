@@ -46,6 +46,19 @@ def load_sentence_transformer(name: str, flag: str = "--model_name", inference_d
         ) from None
 
 
+def set_max_len(model, wanted: int, flag: str = "--model_max_len") -> int:
+    """max_seq_length = wanted, capped at the model's position embeddings (beyond them BERT-style models index out
+    of range); returns the length set."""
+    import logging
+
+    limit = getattr(model[0].auto_model.config, "max_position_embeddings", wanted)
+    if wanted > limit:
+        logging.getLogger(__name__).warning("%s %d exceeds the model's %d positions; using %d", flag, wanted, limit,
+                                            limit)  # fmt: skip
+    model.max_seq_length = min(wanted, limit)
+    return model.max_seq_length
+
+
 def freeze_unused_pooler(model) -> int:
     """Stop training the transformer's pooler (BERT's dense+tanh over [CLS]): sentence-transformers pools token
     embeddings with its own module and never reads `pooler_output`, so the pooler gets no gradient. Frozen, it is

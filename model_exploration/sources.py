@@ -24,6 +24,10 @@ FETCH_WAYS = ("hub", "parquet_export", "pubmed_baseline", "kaggle", "jsonl")
 CLEANERS = ("strip_xml", "normalize_whitespace")
 
 
+# fields that do not change a source's rows (so not its cache key)
+_NOT_IDENTITY = {"weight", "enabled", "unverified", "mined"}
+
+
 @dataclasses.dataclass(frozen=True)
 class SourceSpec:
     name: str
@@ -77,11 +81,17 @@ class SourceSpec:
         return path if path.is_absolute() else REPO_ROOT / path
 
     def fingerprint(self) -> str:
-        """Stable hash of everything that changes the rows this source yields (not its weight)."""
-        spec = dataclasses.asdict(self)
-        spec.pop("weight")
-        spec.pop("enabled")
-        return short_hash(json.dumps(spec, sort_keys=True, default=str))
+        """Stable hash of everything that changes the rows this source yields: not its weight or notes, but a local
+        file's size and modification time, so that a rewritten file (negatives mined again) is read again."""
+        return short_hash(json.dumps(self._identity(), sort_keys=True, default=str))
+
+    def _identity(self) -> dict[str, Any]:
+        spec = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_IDENTITY}
+        spec["replay_of"] = [member._identity() for member in self.replay_of]
+        if self.data_files and self.fetch in ("jsonl", "kaggle") and self.local_path().exists():
+            stat = self.local_path().stat()
+            spec["file_stat"] = [stat.st_size, stat.st_mtime_ns]
+        return spec
 
     def describe(self) -> str:
         if self.replay_of:
@@ -112,6 +122,9 @@ def registry_entry(spec: SourceSpec) -> dict[str, Any]:
         for f in dataclasses.fields(SourceSpec)
         if f.name not in skip and getattr(spec, f.name) != getattr(defaults, f.name) or f.name == "name"
     }
+    if spec.data_files and spec.fetch in ("jsonl", "kaggle"):
+        # absolute: a mixture file resolves relative paths against its own folder, the registries against the repo
+        entry["data_files"] = str(spec.local_path())
     return {k: list(v) if isinstance(v, tuple) else v for k, v in entry.items()}
 
 

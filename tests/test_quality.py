@@ -125,3 +125,16 @@ def test_matryoshka_training_and_the_bytes_chart(tiny_model, small_beir, tmp_pat
     assert (out / "chart_beir_scifact_small_ndcg_vs_bytes.png").stat().st_size > 0
     table = (out / "results.md").read_text()
     assert "(dim 16, ubinary)" in table and "(dim 32)" in table
+
+
+def test_a_written_mixture_keeps_the_local_sources_it_did_not_mine(tmp_path):
+    """Sources left unmined are copied into the new mixture file as entries; their repo-relative files must still
+    resolve from the file's own folder."""
+    from model_exploration.negatives import write_mixture
+    from model_exploration.sources import registry_entry
+
+    specs = build_dataset_configs_sample()
+    write_mixture(tmp_path / "elsewhere" / "mixture.yaml", [registry_entry(s) for s in specs], None)
+    again = build_dataset_configs_file(tmp_path / "elsewhere" / "mixture.yaml")
+    assert [s.local_path() for s in again] == [s.local_path() for s in specs]
+    assert all(s.local_path().exists() for s in again)
