@@ -7,6 +7,8 @@ Semantics, named explicitly:
   barrier runs on a separate CPU (gloo) group whose timeout is `--build_wait_minutes`: fetching and building can
   take hours, which must not trip the training collectives' `--ddp_timeout_minutes` (NCCL's watchdog would kill
   the job), and those keep their short timeout so a dead rank still ends a job quickly.
+- Preemption: each rank's SIGTERM flag is all-reduced (max) on that CPU group once per optimizer step, so every
+  rank stops and saves at the same step (training.PreemptionCallback).
 - The process group is created by the HF Trainer's accelerator (NCCL on GPU, gloo on CPU); we create it earlier
   ourselves only so that the cache barrier exists before the Trainer does.
 """
@@ -56,8 +58,15 @@ def init_process_group(timeout_minutes: float, build_wait_minutes: float | None 
 
 
 def cpu_group():
-    """The CPU (gloo) process group, for collectives that must not touch the GPU; None for one process."""
-    return _build_group if dist.is_available() and dist.is_initialized() else None
+    """The CPU (gloo) process group, for collectives that must not touch the GPU; None for one process. Created
+    here (with the default timeout) when the process group came from elsewhere; creating a group is collective, so
+    every rank must reach the first call."""
+    global _build_group
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    if _build_group is None:
+        _build_group = dist.new_group(backend="gloo")
+    return _build_group
 
 
 def barrier() -> None:
@@ -69,11 +78,12 @@ def barrier() -> None:
 def rank0_first() -> Iterator[bool]:
     """Rank 0 runs the body first (downloads, builds caches); the others run it after the barrier, reading the
     cache rank 0 left. Yields whether this process is rank 0."""
-    if not is_main_process() and dist.is_available() and dist.is_initialized():
-        dist.barrier(group=_build_group)
+    group = cpu_group()  # every rank, before rank 0's body: creating the group is collective
+    if group is not None and not is_main_process():
+        dist.barrier(group=group)
     yield is_main_process()
-    if is_main_process() and dist.is_available() and dist.is_initialized():
-        dist.barrier(group=_build_group)
+    if group is not None and is_main_process():
+        dist.barrier(group=group)
 
 
 def broadcast_object(obj):

@@ -144,11 +144,25 @@ class CheckpointCompleteCallback(TrainerCallback):
         distributed.barrier()
         if distributed.is_main_process():
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+            seen = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
+            # each rank's RNG file is listed even if a slow shared filesystem does not show it to rank 0 yet
+            files = sorted(seen | set(expected_rng_files(distributed.world_size())))
             write_atomic(
                 folder / CHECKPOINT_MARKER, json.dumps({"world_size": distributed.world_size(), "files": files})
             )
         return control
+
+
+def expected_rng_files(world_size: int) -> list[str]:
+    """The RNG state files the HF Trainer writes into a checkpoint: one per rank, or one for a single process."""
+    return [f"rng_state_{r}.pth" for r in range(world_size)] if world_size > 1 else ["rng_state.pth"]
+
+
+def unmarked_but_resumable(folder: Path) -> bool:
+    """A checkpoint without our marker (written by plain HF Trainer or an older version of this tool) that holds
+    the trainer state and RNG state(s): resumable when named explicitly, with a warning."""
+    folder = Path(folder)
+    return (folder / "trainer_state.json").exists() and any(folder.glob("rng_state*.pth"))
 
 
 def missing_from_checkpoint(folder: Path) -> list[str]:

@@ -161,3 +161,41 @@ def test_resume_from_a_run_folder_skips_unfinished_checkpoints(tmp_path, caplog)
     assert output_dir == run and checkpoint == str(run / "checkpoint-2")
     assert "checkpoint-6 is incomplete (missing _COMPLETE.json)" in caplog.text
     assert "checkpoint-4 is incomplete (missing extra.pth)" in caplog.text
+
+
+def test_an_explicit_checkpoint_without_our_marker_resumes_with_a_warning(tmp_path, caplog):
+    """A checkpoint of plain HF Trainer (or an older version of this tool) named explicitly: resumed if it holds
+    the trainer and RNG state, refused if it does not."""
+    import argparse
+
+    from model_exploration.errors import UserError
+    from model_exploration.st_trainer_ddp_hf import resolve_output_dir
+
+    checkpoint = tmp_path / "run" / "checkpoint-8"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(UserError, match="checkpoint-8 is incomplete"):
+        resolve_output_dir(argparse.Namespace(resume_checkpoint_path=str(checkpoint)))
+    for name in ("trainer_state.json", "rng_state.pth"):
+        (checkpoint / name).write_bytes(b"x")
+    assert resolve_output_dir(argparse.Namespace(resume_checkpoint_path=str(checkpoint))) == (
+        checkpoint.parent,
+        str(checkpoint),
+    )
+    assert "has no _COMPLETE.json" in caplog.text
+
+
+def test_the_marker_lists_every_rank_rng_file_even_before_the_filesystem_shows_it(tmp_path, monkeypatch):
+    import types
+
+    from model_exploration import distributed
+    from model_exploration.training import CheckpointCompleteCallback, missing_from_checkpoint
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    folder = tmp_path / "checkpoint-4"
+    folder.mkdir()
+    for name in ("trainer_state.json", "rng_state_0.pth"):
+        (folder / name).write_bytes(b"x")
+    args, state = types.SimpleNamespace(output_dir=str(tmp_path)), types.SimpleNamespace(global_step=4)
+    CheckpointCompleteCallback().on_save(args, state, None)
+    assert missing_from_checkpoint(folder) == ["rng_state_1.pth", "rng_state_2.pth"]
