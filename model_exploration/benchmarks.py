@@ -40,7 +40,6 @@ NANOBEIR_DATASETS = (
 NASA_SMD_REPO = "nasa-impact/nasa-smd-IR-benchmark"
 NASA_SDE_REPO = "nasa-impact/nasa-sde-IR-benchmark-20251024-v5"
 NASA_SDE_QRELS = ("qa_pairs", "search_pairs")
-HUB_BENCHMARKS = ("nanobeir", "nasa_smd", "nasa_sde")
 
 
 @dataclasses.dataclass

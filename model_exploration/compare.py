@@ -33,7 +33,7 @@ from model_exploration.reporting import read_json
 
 logger = logging.getLogger("compare")
 DONE_FILE = "evaluated.json"
-PREFETCH_HINT = "python data_prep/prefetch.py --stage none --eval_benchmarks <the --benchmarks above>"
+PREFETCH_HINT = "python data_prep/prefetch.py --skip_sources --skip_model --eval_benchmarks <the --benchmarks above>"
 
 
 def build_parser() -> argparse.ArgumentParser:

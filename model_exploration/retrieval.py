@@ -73,11 +73,6 @@ def unpack_signs(packed: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.unpackbits(packed, axis=-1).astype(np.float32) * 2 - 1)
 
 
-def hamming_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise Hamming distances between two sets of packed bit vectors (popcount of XOR)."""
-    return np.bitwise_count(a[:, None, :] ^ b[None, :, :]).sum(-1)
-
-
 def binary_search(query_packed: np.ndarray, corpus_packed: np.ndarray, k: int) -> np.ndarray:
     """Hamming search over ubinary codes. For +/-1 vectors, dot = D - 2 * hamming, so ranking by the (exact,
     integer-valued) float dot product equals ranking by Hamming distance, and runs on BLAS in chunks."""

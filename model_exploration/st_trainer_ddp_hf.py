@@ -13,6 +13,7 @@ train (resumable) -> save -> benchmark -> results.json / .md.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 import time
@@ -29,13 +30,15 @@ from model_exploration.data import cache_path_for, check_offline_inputs
 from model_exploration.errors import UserError, exit_status
 from model_exploration.fetch import Mirror, default_root
 from model_exploration.losses import GatheredCachedMNRLoss, GatheredMNRLoss
-from model_exploration.models import bf16_native, freeze_unused_pooler, load_sentence_transformer
+from model_exploration.models import bf16_native, freeze_unused_pooler, load_sentence_transformer, set_max_len
 from model_exploration.training import (
+    CHECKPOINT_MARKER,
     CheckpointCompleteCallback,
     MixtureTrainer,
     PreemptionCallback,
     missing_from_checkpoint,
     newest_complete_checkpoint,
+    unmarked_but_resumable,
 )
 from model_exploration.utils import (
     build_dataset_configs_file,
@@ -47,6 +50,12 @@ from model_exploration.utils import (
 )
 
 logger = logging.getLogger("st_trainer")
+# transformers renamed TrainingArguments.gradient_checkpointing to activation_checkpointing (the old name warns)
+CHECKPOINTING_FIELD = next(
+    name
+    for name in ("activation_checkpointing", "gradient_checkpointing")
+    if name in {f.name for f in dataclasses.fields(SentenceTransformerTrainingArguments)}
+)
 
 
 def mixture_specs(args):
@@ -132,7 +141,10 @@ def resolve_output_dir(args) -> tuple[Path, str | None]:
             raise UserError(f"--resume_checkpoint_path: {path} does not exist")
         if path.name.startswith("checkpoint-"):
             missing = missing_from_checkpoint(path)
-            if missing:
+            if missing == [CHECKPOINT_MARKER] and unmarked_but_resumable(path):
+                logger.warning("%s has no %s (not written by this version); resuming from it as named, trusting "
+                               "that every rank finished writing it", path, CHECKPOINT_MARKER)  # fmt: skip
+            elif missing:
                 raise UserError(
                     f"--resume_checkpoint_path: {path} is incomplete (missing {', '.join(missing[:5])}); pass its run "
                     f"folder {path.parent} to resume from the newest complete checkpoint"
@@ -154,10 +166,7 @@ def load_model(args, mirror: Mirror) -> tuple[SentenceTransformer, int]:
         model = load_sentence_transformer(mirror.model(args.model_name))
     native_max_len = model.max_seq_length
     wanted = args.model_max_len or (native_max_len if args.stage == "sample" else cli.DEFAULT_MAX_LEN)
-    limit = getattr(model[0].auto_model.config, "max_position_embeddings", wanted)
-    model.max_seq_length = min(wanted, limit)
-    if wanted > limit:
-        logger.warning("--model_max_len %d exceeds the model's %d positions; using %d", wanted, limit, limit)
+    set_max_len(model, wanted)
     if args.unpad and unpadded.enable_unpadded(model):
         logger.info("unpadded forward on: dense layers and attention skip padding tokens (--no_unpad to turn off)")
     too_large = [d for d in args.matryoshka_dims or () if d > model.get_embedding_dimension()]
@@ -223,7 +232,7 @@ def training_arguments(args, output_dir: Path, has_evaluator: bool) -> SentenceT
         # DDP's search for unused parameters walks the graph every step; the only unused ones (the pooler) are
         # frozen by load_model instead
         ddp_find_unused_parameters=False,
-        gradient_checkpointing=args.gradient_checkpointing,
+        **{CHECKPOINTING_FIELD: args.gradient_checkpointing},
         # a NaN/inf check of every micro-step's loss is a host-device sync: NaNs show in the logged loss instead
         logging_nan_inf_filter=False,
         # batches are copied from pinned memory without blocking the host (CUDA; a no-op on CPU)
@@ -235,7 +244,7 @@ def run(argv: list[str] | None = None) -> None:
     args = cli.parse_args(argv)
     tracking.load_env()
     specs = mixture_specs(args)
-    cache_dir = Path(args.cache_dir or Path(args.output_base) / "cache")
+    cache_dir = Path(args.cache_dir)
     mirror = make_mirror(args, cache_dir)
     if args.dry_run:
         print_plan(specs, args, cache_dir, mirror)
