@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--nrows",
         type=_positive_int,
         default=None,
-        help="smoke test: read only the first N rows of each source (a mirror fetches only those rows)",
+        help="smoke test: read only the first N rows of each source (fetching, only the first N rows of its first "
+        "file: parquet and JSON lines by range requests, other formats and PubMed's first file whole)",
     )
     g.add_argument("--n_data_src", type=_positive_int, default=None, help="smoke test: use only the first N sources")
     g.add_argument(
@@ -101,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--hub_dir",
         default=os.environ.get(HUB_DIR_ENV),
         help=f"read sources, benchmarks and hub models only from this mirror, prepared by data_prep/prefetch.py "
-        f"(for nodes without internet; env {HUB_DIR_ENV}); without it, missing files are fetched into "
-        "<cache_dir>/hub by global rank 0",
+        f"(for nodes without internet; env {HUB_DIR_ENV}); without it, missing source and benchmark files are "
+        "fetched into <cache_dir>/hub by global rank 0, and hub models into the Hugging Face cache",
     )
     g.add_argument("--cache_dir", default=None, help="dataset / token cache (default: <output_base>/cache)")
     g.add_argument(
