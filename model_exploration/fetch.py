@@ -59,6 +59,9 @@ CONFIGS_FILE = "_configs.json"
 KAGGLE_DATASET = "Cornell-University/arxiv"
 KAGGLE_FILE = "arxiv-metadata-oai-snapshot.json"
 FORMATS = ("parquet", "json", "csv", "pubmed_xml", "arxiv_json")
+# a smoke fetch's heads live apart from whole files (<checkout>/_heads/<path>): huggingface_hub would otherwise take
+# a head at the whole file's path, with that file's download metadata, for the whole file
+HEADS = "_heads"
 # files whose first rows make a valid file of the same format (write_head); others are fetched whole
 _HEADABLE = re.compile(r"\.(parquet|jsonl(\.gz)?)$")
 
@@ -240,14 +243,14 @@ class Mirror:
         started = time.perf_counter()
         local = []
         for remote in plan.remote:
-            dest = folder / plan.local(remote)
+            name = plan.local(remote)
             if plan.repo is not None:
-                _fetch_hub_file(plan.repo, plan.revision, remote, folder, head_rows)
+                name = _fetch_hub_file(plan.repo, plan.revision, remote, folder, head_rows)
             elif remote.startswith("kaggle://"):
-                fetch_kaggle_snapshot(dest)
+                fetch_kaggle_snapshot(folder / name)
             else:
-                download_url(remote, dest, plan.md5.get(remote))
-            local.append(plan.local(remote))
+                download_url(remote, folder / name, plan.md5.get(remote))
+            local.append(name)
         if plan.repo is not None and plan.checkout.name == "main":
             _fetch_card(plan.repo, plan.revision, folder)
         self.record(plan.checkout, plan.key, plan.format, local, plan.revision, head_rows, plan.repo)
@@ -287,7 +290,8 @@ class Mirror:
         if not (folder / "modules.json").exists() and not (folder / "config.json").exists():
             raise UserError(
                 f"--model_name {name}: not a local folder and not in the mirror {self.root} ({folder}); fetch it on a "
-                f"machine with internet: {self.prefetch_hint} --model_name {name} --out {self.root}"
+                f"machine with internet: python data_prep/prefetch.py --skip_sources --eval_benchmarks --model_name "
+                f"{name} --out {self.root}"
             )
         return str(folder)
 
@@ -403,19 +407,20 @@ def _pubmed_plan(spec: SourceSpec, checkout: Path, key: str, first_only: bool) -
 # ---------------------------------------------------------------- fetching files (online)
 
 
-def _fetch_hub_file(repo: str, revision: str | None, path: str, checkout: Path, head_rows: int | None) -> None:
-    """One repo file into checkout/<path>: whole (huggingface_hub resumes an interrupted download) or, with
-    head_rows, its first rows only, read through HTTP range requests."""
+def _fetch_hub_file(repo: str, revision: str | None, path: str, checkout: Path, head_rows: int | None) -> str:
+    """One repo file into the checkout: whole, at <path> (huggingface_hub resumes an interrupted download), or, with
+    head_rows, its first rows only, read through HTTP range requests, at _heads/<path>. Returns where it went."""
     from huggingface_hub import hf_hub_download
 
     if head_rows is None or not _HEADABLE.search(path):
         hf_hub_download(repo, path, repo_type="dataset", revision=revision, local_dir=checkout)
-        return
+        return path
     from huggingface_hub import HfFileSystem
 
     url = f"datasets/{repo}@{urllib.parse.quote(revision or 'main', safe='')}/{path}"
     with HfFileSystem().open(url, "rb") as remote:
-        write_head(remote, checkout / path, path, head_rows)
+        write_head(remote, checkout / HEADS / path, path, head_rows)
+    return f"{HEADS}/{path}"
 
 
 def _fetch_card(repo: str, revision: str | None, checkout: Path) -> None:
@@ -526,7 +531,7 @@ def unzip_snapshot(dest: Path) -> None:
     import zipfile
 
     zipped = dest.with_name(dest.name + ".zip")
-    if not zipped.exists():
+    if not zipped.exists() or not zipfile.is_zipfile(zipped):  # absent, or a cut download the Kaggle API resumes
         return
     tmp = dest.with_name(dest.name + ".part")
     with zipfile.ZipFile(zipped) as archive, archive.open(dest.name) as member, tmp.open("wb") as out:

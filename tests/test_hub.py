@@ -305,6 +305,7 @@ def test_hub_prefetch_heads_then_whole_files_and_offline_reads(fake_hub, tmp_pat
     online = Mirror(tmp_path / "mirror", offline=False)
     head = online.source_files(squad, nrows=3)
     assert head.head_rows == 3 and pq.read_table(head.paths[0]).num_rows == 3 and fake_hub["download"] == 0
+    assert fetch.HEADS in head.paths[0].parts  # apart from the whole file, which the hub client could mistake it for
 
     offline = Mirror(tmp_path / "mirror", offline=True, prefetch_hint="python data_prep/prefetch.py --stage 1")
     assert len(data.load_raw(squad, offline, 2, tmp_path / "w")) == 2  # a smoke test's share is there
@@ -313,6 +314,7 @@ def test_hub_prefetch_heads_then_whole_files_and_offline_reads(fake_hub, tmp_pat
 
     full = online.source_files(squad, None)
     assert full.head_rows is None and pq.read_table(full.paths[0]).num_rows == 12 and fake_hub["download"] == 1
+    assert fetch.HEADS not in full.paths[0].parts
     members = online.expand(best)
     assert [m.name for m in members] == [f"{best.name}/astronomy", f"{best.name}/cardano"]
     for member in members:
