@@ -64,6 +64,10 @@ def run(argv: list[str] | None) -> Path:
         raise UserError(f"--sources: unknown source(s) {unlisted}; the mixture has {sorted(listed)}")
     sources = load_and_cache_datasets([s for s in specs if not s.replay_of], cache_dir, args.nrows, args.seed,
                                       args.max_datapoints_per_src_for_eval, args.n_data_src, mirror, args.num_proc)  # fmt: skip
+    loaded = {s.spec.name for s in sources}
+    unmatched = [n for n in args.sources or () if not any(m == n or m.split("/")[0] == n for m in loaded)]
+    if unmatched:  # a misspelt config ("math/typo"), or a source left out by --n_data_src
+        raise UserError(f"--sources: {unmatched} match no loaded source; loaded: {sorted(loaded)}")
     settings = MiningSettings(args.mining_model or args.model_name, args.relative_margin, args.num_negatives,
                               args.range_max, args.seed, args.mining_batch_size)  # fmt: skip
     model = load_sentence_transformer(mirror.model(settings.model_name), flag="--mining_model", inference_dtype=True)

@@ -82,16 +82,26 @@ class SourceSpec:
 
     def fingerprint(self) -> str:
         """Stable hash of everything that changes the rows this source yields: not its weight or notes, but a local
-        file's size and modification time, so that a rewritten file (negatives mined again) is read again."""
+        file's size and a hash of its first and last MiB, so that a rewritten file (negatives mined again) is read
+        again, while ranks on nodes with their own copy of the file agree on the key."""
         return short_hash(json.dumps(self._identity(), sort_keys=True, default=str))
 
     def _identity(self) -> dict[str, Any]:
         spec = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_IDENTITY}
         spec["replay_of"] = [member._identity() for member in self.replay_of]
         if self.data_files and self.fetch in ("jsonl", "kaggle") and self.local_path().exists():
-            stat = self.local_path().stat()
-            spec["file_stat"] = [stat.st_size, stat.st_mtime_ns]
+            spec["file"] = _file_signature(self.local_path())
         return spec
+
+
+def _file_signature(path: Path, edge: int = 1 << 20) -> list:
+    """Size and a hash of the first and last `edge` bytes: cheap on a multi-GB file, equal for equal copies."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(edge)
+        f.seek(max(size - edge, 0))
+        tail = f.read(edge)
+    return [size, short_hash(head + tail)]
 
     def describe(self) -> str:
         if self.replay_of:
