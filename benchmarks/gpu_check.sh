@@ -15,12 +15,13 @@
 # costs one limit, not the lease, and what ran is on disk. Ends with:
 #   gpu_check: speedup_train=X speedup_cached=Y speedup_encode=Z mfu=M syncs_per_step=S
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 1
 out=${1:-gpu_check_out}
 step_seconds=${STEP_SECONDS:-150}
 # `python` is not always the interpreter with the CUDA torch (on some images only python3 is, inside a venv: a
 # symlink to it loses the venv), so one interpreter is named and used throughout.
 py=${PYTHON:-$(command -v python3 || command -v python)}
+[ -n "$py" ] || { echo "gpu_check: no python3 or python on PATH; set PYTHON=" >&2; exit 2; }
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
 if [ -n "${WHEELS:-}" ]; then
@@ -37,13 +38,14 @@ if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
     echo "gpu_check: no CUDA GPU visible to torch (torch.cuda.is_available() is False); run it on a GPU node" >&2
     exit 2
 fi
-mkdir -p "$out"
+mkdir -p "$out" || exit 1
 
 step() {  # step NAME COMMAND...: run under the time limit, log to OUT/NAME.log, stop the check on failure
     local name=$1
     shift
     echo "gpu_check: step $name (limit ${step_seconds}s)"
-    timeout "$step_seconds" "$@" 2>&1 | tee "$out/$name.log"
+    # SIGKILL 20 s after SIGTERM: the trainer takes SIGTERM as a request to checkpoint at the next step
+    timeout -k 20 "$step_seconds" "$@" 2>&1 | tee "$out/$name.log"
     local rc=${PIPESTATUS[0]}
     if [ "$rc" -ne 0 ]; then
         echo "gpu_check: step $name failed (exit $rc; 124 = over ${step_seconds}s); log: $out/$name.log" >&2

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--hub_dir",
         default=os.environ.get(HUB_DIR_ENV),
         help=f"read hub benchmarks and models only from this mirror (data_prep/prefetch.py; env {HUB_DIR_ENV}); "
-        "without it they are fetched into <output_dir>/hub",
+        "without it benchmarks are fetched into <output_dir>/hub and models into the Hugging Face cache",
     )
     p.add_argument(
         "--keep_identical_ids",

@@ -160,9 +160,10 @@ def expected_rng_files(world_size: int) -> list[str]:
 
 def unmarked_but_resumable(folder: Path) -> bool:
     """A checkpoint without our marker (written by plain HF Trainer or an older version of this tool) that holds
-    the trainer state and RNG state(s): resumable when named explicitly, with a warning."""
+    the trainer state and this run's ranks' RNG states: resumable when named explicitly, with a warning."""
     folder = Path(folder)
-    return (folder / "trainer_state.json").exists() and any(folder.glob("rng_state*.pth"))
+    needed = ["trainer_state.json", *expected_rng_files(distributed.world_size())]
+    return all((folder / name).exists() for name in needed)
 
 
 def missing_from_checkpoint(folder: Path) -> list[str]:

@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutput
 
+from model_exploration.models import compute_dtype
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("bert",)
@@ -66,10 +68,12 @@ def varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
         try:
             # the probe may run inside the first forward: of a no-grad or inference pass (GradCache's first pass,
             # encoding), or of a checkpointed layer; it needs its own autograd, untouched by theirs
+            # and its random inputs must not advance the RNG that GradCache and checkpointing replay
             with (
                 torch.inference_mode(False),
                 torch.enable_grad(),
                 torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
+                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
             ):
                 q, k, v = (torch.randn(6, 2, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
                 cu = torch.tensor([0, 2, 6], device=device, dtype=torch.int32)
@@ -221,5 +225,5 @@ def enable_unpadded(model) -> int:
         switched += 1
         device = next(inner.parameters()).device
         if device.type == "cuda":  # decided now, outside any forward, and logged once
-            varlen_usable(device, torch.bfloat16)
+            varlen_usable(device, compute_dtype(device))
     return switched
