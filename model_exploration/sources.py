@@ -93,16 +93,6 @@ class SourceSpec:
             spec["file"] = _file_signature(self.local_path())
         return spec
 
-
-def _file_signature(path: Path, edge: int = 1 << 20) -> list:
-    """Size and a hash of the first and last `edge` bytes: cheap on a multi-GB file, equal for equal copies."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(edge)
-        f.seek(max(size - edge, 0))
-        tail = f.read(edge)
-    return [size, short_hash(head + tail)]
-
     def describe(self) -> str:
         if self.replay_of:
             rows = f"{self.rows_per_source} random rows" if self.rows_per_source else "every row"
@@ -121,6 +111,16 @@ def _file_signature(path: Path, edge: int = 1 << 20) -> list:
         unverified = f"  [schema unverified: {self.unverified}]" if self.unverified else ""
         mined = f"  [mined: {self.mined}]" if self.mined else ""
         return f"{where}: {cols}{unverified}{mined}"
+
+
+def _file_signature(path: Path, edge: int = 1 << 20) -> list:
+    """Size and a hash of the first and last `edge` bytes: cheap on a multi-GB file, equal for equal copies."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(edge)
+        f.seek(max(size - edge, 0))
+        tail = f.read(edge)
+    return [size, short_hash(head + tail)]
 
 
 def registry_entry(spec: SourceSpec) -> dict[str, Any]:

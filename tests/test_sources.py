@@ -79,3 +79,21 @@ def test_registry_mistakes_are_one_line_errors(tmp_path):
         path.write_text(f"sources:\n  - {entry}\n")
         with pytest.raises(UserError, match=re.escape(message)):
             build_dataset_configs_file(path)
+
+
+def test_a_local_source_cache_key_follows_its_content_not_its_timestamp_or_notes(tmp_path):
+    import dataclasses
+    import os
+
+    from model_exploration.data import cache_key
+    from model_exploration.sources import SourceSpec
+
+    path = tmp_path / "mined.jsonl"
+    path.write_text('{"anchor": "a", "positive": "p", "negative": "n"}\n')
+    spec = SourceSpec(name="mined", fetch="jsonl", data_files=str(path), negative="negative")
+    key = cache_key(spec, None, 42, 20)
+    os.utime(path, (1, 1))  # a copy on another node, or a fresh clone: same bytes, another time
+    assert cache_key(spec, None, 42, 20) == key
+    assert cache_key(dataclasses.replace(spec, mined="1 negative by X", weight=3.0), None, 42, 20) == key
+    path.write_text('{"anchor": "a", "positive": "p", "negative": "m"}\n')  # mined again
+    assert cache_key(spec, None, 42, 20) != key
