@@ -8,7 +8,7 @@
 #   eqat_annealed  binary-aware MNRL, tanh(beta x) with beta 1 -> 20 over 80% of the steps, + float MNRL (weight 1)
 #   eqat_ste       binary-aware MNRL alone, straight-through sign (the original EQAT); not in the default set
 # then score every final model and the starting model on the whole SciFact test split from one corpus encoding
-# each: float, 1-bit Hamming, 1-bit + float rescoring of the top 400, at 384/256/128/64 dims; and summarize
+# each: float, 1-bit Hamming, 1-bit + float rescoring of the top 404, at 384/256/128/64 dims; and summarize
 # mean +- sd over seeds (benchmarks/summarize_seeds.py). Offline, CPU.
 #
 #   bash benchmarks/quality_experiment.sh [OUT_DIR] [STEPS] [SEEDS...]      # defaults: quality_experiment 80 1 2 3
