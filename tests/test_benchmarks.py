@@ -40,6 +40,7 @@ def test_train_throughput_compares_every_path_and_reports_its_ratios(tmp_path, c
     assert out.strip().splitlines()[-1] == expected
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # one of the measured candidates, by design
 def test_packed_attention_candidates_agree_and_ratios_match_their_times(capsys):
     _script("packed_attention").main(["--batch", "6", "--repeats", "1", "--heads", "2", "--head_dim", "8"])
     out = capsys.readouterr().out
