@@ -134,7 +134,7 @@ class Mirror:
 
     def describe(self, spec: SourceSpec, nrows: int | None = None) -> str:
         """One line for a dry run: where the source sits in the mirror and whether it is there."""
-        if spec.fetch == "jsonl" or (spec.fetch == "kaggle" and spec.data_files):
+        if spec.reads_local_file:
             return f"local file {spec.local_path()}" + ("" if spec.local_path().exists() else " (MISSING)")
         if spec.expand_configs:
             listing = self.root / hub_checkout(spec.hub, export=True) / CONFIGS_FILE

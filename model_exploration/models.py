@@ -7,11 +7,14 @@ bf16 is emulated and slower than fp32, so it is not the test here.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 
 from model_exploration.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 def device() -> torch.device:
@@ -49,12 +52,9 @@ def load_sentence_transformer(name: str, flag: str = "--model_name", inference_d
 def set_max_len(model, wanted: int, flag: str = "--model_max_len") -> int:
     """max_seq_length = wanted, capped at the model's position embeddings (beyond them BERT-style models index out
     of range); returns the length set."""
-    import logging
-
     limit = getattr(model[0].auto_model.config, "max_position_embeddings", wanted)
     if wanted > limit:
-        logging.getLogger(__name__).warning("%s %d exceeds the model's %d positions; using %d", flag, wanted, limit,
-                                            limit)  # fmt: skip
+        logger.warning("%s %d exceeds the model's %d positions; using %d", flag, wanted, limit, limit)
     model.max_seq_length = min(wanted, limit)
     return model.max_seq_length
 

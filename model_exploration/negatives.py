@@ -23,11 +23,8 @@ import dataclasses
 import importlib.util
 import json
 import logging
-import random
 from pathlib import Path
 
-import numpy as np
-import torch
 import yaml
 
 from model_exploration.reporting import write_atomic
@@ -59,10 +56,9 @@ class MiningSettings:
 def mine_source(train, model, settings: MiningSettings) -> tuple[list[dict], dict]:
     """Triplets (or n-tuples) for the (anchor, positive) rows of `train`, and mining statistics."""
     from sentence_transformers.util import mine_hard_negatives
+    from transformers import set_seed
 
-    random.seed(settings.seed)
-    np.random.seed(settings.seed)
-    torch.manual_seed(settings.seed)
+    set_seed(settings.seed)  # Python, NumPy and torch
     pairs = train.select_columns(["anchor", "positive"])
     mined = mine_hard_negatives(
         pairs,
@@ -84,12 +80,13 @@ def mine_source(train, model, settings: MiningSettings) -> tuple[list[dict], dic
 
 
 def mined_spec(spec: SourceSpec, file: Path, settings: MiningSettings) -> dict:
-    """The registry entry of a mined source (a local JSON-lines file next to the mixture that references it)."""
+    """The registry entry of a mined source (a local JSON-lines file next to the mixture that references it; the
+    source is named after its file, `<source>_mined`)."""
     negatives = (
         "negative" if settings.num_negatives == 1 else [f"negative_{i}" for i in range(1, settings.num_negatives + 1)]
     )
     return {
-        "name": f"{spec.name.replace('/', '__')}_mined",
+        "name": file.stem,
         "fetch": "jsonl",
         "data_files": file.name,
         "anchor": "anchor",

@@ -76,6 +76,11 @@ class SourceSpec:
         """Output column -> column path in the source's rows."""
         return dict(zip(self.columns, (self.anchor, self.positive, *self.negatives)))
 
+    @property
+    def reads_local_file(self) -> bool:
+        """Whether the source is a file on local disk (JSON lines, or an arXiv snapshot passed by path), not fetched."""
+        return bool(self.data_files) and self.fetch in ("jsonl", "kaggle")
+
     def local_path(self) -> Path:
         path = Path(self.data_files)
         return path if path.is_absolute() else REPO_ROOT / path
@@ -89,7 +94,7 @@ class SourceSpec:
     def _identity(self) -> dict[str, Any]:
         spec = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_IDENTITY}
         spec["replay_of"] = [member._identity() for member in self.replay_of]
-        if self.data_files and self.fetch in ("jsonl", "kaggle") and self.local_path().exists():
+        if self.reads_local_file and self.local_path().exists():
             spec["file"] = _file_signature(self.local_path())
         return spec
 
@@ -132,7 +137,7 @@ def registry_entry(spec: SourceSpec) -> dict[str, Any]:
         for f in dataclasses.fields(SourceSpec)
         if f.name not in skip and getattr(spec, f.name) != getattr(defaults, f.name) or f.name == "name"
     }
-    if spec.data_files and spec.fetch in ("jsonl", "kaggle"):
+    if spec.reads_local_file:
         # absolute: a mixture file resolves relative paths against its own folder, the registries against the repo
         entry["data_files"] = str(spec.local_path())
     return {k: list(v) if isinstance(v, tuple) else v for k, v in entry.items()}
