@@ -120,13 +120,17 @@ def length_buckets(lengths: list[int], waste: float = 0.125) -> list[list[int]]:
 
 
 class PackedBatch:
-    """Sequence boundaries of a packed batch. The fallback's bucket plan (token indices, masks) is built once per
-    forward and shared by all layers. `score_bias`: MPNet's relative-position bias, [heads, n, n] per bucket length n,
-    computed before the layers (outside any checkpointed region, as it carries gradients)."""
+    """Sequence boundaries of a packed batch whose sequences are in descending length order (as _pack lays them
+    out), so that each length bucket is a contiguous run of tokens: the bucketed attention slices its inputs
+    instead of gathering them. The bucket plan (token ranges, masks) is built once per forward and shared by all
+    layers. `score_bias`: MPNet's relative-position bias, [heads, n, n] per bucket length n, computed before the
+    layers (outside any checkpointed region, as it carries gradients)."""
 
     def __init__(self, lengths: list[int], cu_seqlens: torch.Tensor, score_bias: dict | None = None):
+        if any(a < b for a, b in zip(lengths, lengths[1:])):
+            raise ValueError("PackedBatch: sequences must be packed longest first")
         self.lengths, self.cu_seqlens = lengths, cu_seqlens  # lengths on the host, cu_seqlens on the device
-        self.max_len = max(lengths)
+        self.max_len = lengths[0]
         self.score_bias = score_bias
         self._plan: list[tuple] | None = None
         self._masks: dict[tuple, torch.Tensor | None] = {}
@@ -135,21 +139,20 @@ class PackedBatch:
         return {self.lengths[b[0]] for b in length_buckets(self.lengths)}
 
     def bucket_plan(self, device: torch.device) -> list[tuple]:
-        """Per bucket: (token indices, rows, longest, real-token mask [rows, longest] or None if all rows are full,
-        slots of real tokens or None)."""
+        """Per bucket: (first token, end token, rows, longest, real-token mask [rows, longest] or None if all rows
+        are full, slots of the real tokens in the [rows * longest] grid or None)."""
         if self._plan is None:
-            starts = [0] + list(accumulate(self.lengths))[:-1]
+            starts = [0, *accumulate(self.lengths)]
             self._plan = []
-            for bucket in length_buckets(self.lengths):
-                longest = self.lengths[bucket[0]]
-                ranges = [torch.arange(starts[i], starts[i] + self.lengths[i]) for i in bucket]
-                index = torch.cat(ranges).to(device)
-                if all(self.lengths[i] == longest for i in bucket):
-                    self._plan.append((index, len(bucket), longest, None, None))
+            for bucket in length_buckets(self.lengths):  # consecutive indices: the lengths are sorted
+                longest, first, last = self.lengths[bucket[0]], bucket[0], bucket[-1]
+                span = (starts[first], starts[last + 1], len(bucket), longest)
+                if self.lengths[last] == longest:
+                    self._plan.append((*span, None, None))
                     continue
-                mask = torch.arange(longest) < torch.tensor([self.lengths[i] for i in bucket])[:, None]
+                mask = torch.arange(longest) < torch.tensor(self.lengths[first : last + 1])[:, None]
                 slots = mask.flatten().nonzero().squeeze(1).to(device)
-                self._plan.append((index, len(bucket), longest, mask.to(device), slots))
+                self._plan.append((*span, mask.to(device), slots))
         return self._plan
 
     def attention_mask(self, bucket: int, real: torch.Tensor | None, longest: int, window: int | None, dtype):
@@ -176,18 +179,20 @@ def _bucketed_attention(q, k, v, batch: PackedBatch, window: int | None = None):
     """Attention of packed q/k/v [tokens, heads, dim], one SDPA call per bucket of similar lengths."""
     out = torch.empty_like(q)
     heads, dim = q.shape[1], q.shape[2]
-    for b, (index, rows, longest, real, slots) in enumerate(batch.bucket_plan(q.device)):
+    for b, (start, stop, rows, longest, real, slots) in enumerate(batch.bucket_plan(q.device)):
         mask = batch.attention_mask(b, real, longest, window, q.dtype)
-        if real is None:  # equal lengths: a plain reshape, no padding
-            qb, kb, vb = (t[index].view(rows, longest, heads, dim).transpose(1, 2) for t in (q, k, v))
-            out[index] = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask).transpose(1, 2).reshape(-1, heads, dim)  # fmt: skip
+        if real is None:  # equal lengths: a plain view, no padding
+            qb, kb, vb = (t[start:stop].view(rows, longest, heads, dim).transpose(1, 2) for t in (q, k, v))
+            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
+            out[start:stop] = ob.transpose(1, 2).reshape(-1, heads, dim)
             continue
+        # in place into fresh zeros: the out-of-place index_copy would copy the zeros once more
         padded = [
-            t.new_zeros(rows * longest, heads, dim).index_copy(0, slots, t[index]).view(rows, longest, heads, dim)
+            t.new_zeros(rows * longest, heads, dim).index_copy_(0, slots, t[start:stop]).view(rows, longest, heads, dim)
             for t in (q, k, v)
         ]
         ob = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in padded), attn_mask=mask)
-        out[index] = ob.transpose(1, 2).reshape(-1, heads, dim)[slots]
+        out[start:stop] = ob.transpose(1, 2).reshape(-1, heads, dim)[slots]
     return out
 
 
@@ -209,21 +214,27 @@ def packed_attention(q, k, v, batch: PackedBatch, window: int | None = None):
 
 def _pack(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
     """(token ids of real tokens, their 0-based positions within their sequence, their slots in the [batch * length]
-    grid, sequence lengths on the host, cu_seqlens). Left or right padding alike."""
+    grid, the PackedBatch). Sequences are packed longest first (each length bucket a contiguous run); left or right
+    padding alike."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     mask = attention_mask.bool()
     seq_lengths = mask.sum(1)
     lengths = seq_lengths.tolist()  # the forward's one host-device sync: sizes of what follows
-    # positions of real tokens in the [batch * length] grid; its size is known, so no second sync
-    slots = torch.nonzero_static(mask.flatten(), size=sum(lengths)).squeeze(1)
-    cu_seqlens = F.pad(seq_lengths.cumsum(0, dtype=torch.int32), (1, 0))
+    # longest first, ties in batch order: the order length_buckets groups them in, computed on the device (no sync)
+    order = torch.argsort(seq_lengths, descending=True, stable=True)
+    width = mask.shape[1]
+    # slots of real tokens in the [batch * length] grid, in packed order; their count is known, so no second sync
+    in_order = torch.nonzero_static(mask[order].flatten(), size=sum(lengths)).squeeze(1)
+    slots = order[in_order // width] * width + in_order % width
+    cu_seqlens = F.pad(seq_lengths[order].cumsum(0, dtype=torch.int32), (1, 0))
     positions = (mask.long().cumsum(1) - 1).flatten()[slots]
-    return input_ids.flatten()[slots], positions, slots, lengths, cu_seqlens
+    packed = PackedBatch(sorted(lengths, reverse=True), cu_seqlens)
+    return input_ids.flatten()[slots], positions, slots, packed
 
 
 def _unpack(x: torch.Tensor, slots: torch.Tensor, shape: torch.Size) -> BaseModelOutput:
-    hidden = x.new_zeros(shape[0] * shape[1], x.shape[-1]).index_copy(0, slots, x)
+    hidden = x.new_zeros(shape[0] * shape[1], x.shape[-1]).index_copy_(0, slots, x)
     return BaseModelOutput(last_hidden_state=hidden.view(shape[0], shape[1], -1))
 
 
@@ -271,12 +282,11 @@ def unpadded_bert_forward(self, input_ids=None, attention_mask=None, token_type_
     if _stock_call(input_ids, kwargs):
         return self._stock_forward(input_ids=input_ids, attention_mask=attention_mask,
                                    token_type_ids=token_type_ids, **kwargs)  # fmt: skip
-    ids, positions, slots, lengths, cu_seqlens = _pack(input_ids, attention_mask)
+    ids, positions, slots, packed = _pack(input_ids, attention_mask)
     emb = self.embeddings
     x = emb.word_embeddings(ids) + emb.position_embeddings(positions + position_offset(self.config))
     types_ = token_type_ids.flatten()[slots] if token_type_ids is not None else torch.zeros_like(positions)
     x = emb.dropout(emb.LayerNorm(x + emb.token_type_embeddings(types_)))
-    packed = PackedBatch(lengths, cu_seqlens)
     x = _run_layers(self, self.encoder.layer, _bert_layer, x, packed, self.config.num_attention_heads)
     return _unpack(x, slots, input_ids.shape)
 
@@ -299,11 +309,10 @@ def unpadded_mpnet_forward(self, input_ids=None, attention_mask=None, **kwargs):
     [heads, n, n] bias per bucket length serves every sequence and layer (the stock model also computes it once)."""
     if _stock_call(input_ids, kwargs):
         return self._stock_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    ids, positions, slots, lengths, cu_seqlens = _pack(input_ids, attention_mask)
+    ids, positions, slots, packed = _pack(input_ids, attention_mask)
     emb = self.embeddings
     x = emb.word_embeddings(ids) + emb.position_embeddings(positions + position_offset(self.config))
     x = emb.dropout(emb.LayerNorm(x))
-    packed = PackedBatch(lengths, cu_seqlens)
     # the stock call (compute_position_bias of a [1, n, .] input), once per bucket length, before the layers
     packed.score_bias = {
         n: self.encoder.compute_position_bias(x.new_empty(1, n, 1))[0] for n in packed.bucket_lengths()
@@ -316,20 +325,21 @@ def unpadded_mpnet_forward(self, input_ids=None, attention_mask=None, **kwargs):
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of packed [tokens, heads, dim] with per-token cos/sin [tokens, dim], in fp32 as the stock
-    apply_rotary_pos_emb computes it."""
+    """Rotary embedding of packed [tokens, ..., dim] (queries and keys together) with per-token cos/sin
+    [tokens, dim], in fp32 as the stock apply_rotary_pos_emb computes it."""
     x = t.float()
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos[:, None] + rotated * sin[:, None]).to(t.dtype)
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
+    return (x * cos.view(shape) + rotated * sin.view(shape)).to(t.dtype)
 
 
 def _modernbert_layer(layer, x, batch: PackedBatch, heads: int, rope, window: int | None):
     attn = layer.attn
     tokens, hidden = x.shape
-    q, k, v = attn.Wqkv(layer.attn_norm(x)).view(tokens, 3, heads, hidden // heads).unbind(1)
-    cos, sin = rope
-    context = packed_attention(_rotate(q, cos, sin), _rotate(k, cos, sin), v, batch, window).reshape(tokens, hidden)
+    qkv = attn.Wqkv(layer.attn_norm(x)).view(tokens, 3, heads, hidden // heads)
+    q, k = _rotate(qkv[:, :2], *rope).unbind(1)
+    context = packed_attention(q, k, qkv[:, 2], batch, window).reshape(tokens, hidden)
     x = x + attn.out_drop(attn.Wo(context))
     return x + layer.mlp(layer.mlp_norm(x))
 
@@ -340,13 +350,12 @@ def unpadded_modernbert_forward(self, input_ids=None, attention_mask=None, **kwa
     layers attend to |i - j| <= config.sliding_window, as the stock mask."""
     if _stock_call(input_ids, kwargs):
         return self._stock_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    ids, positions, slots, lengths, cu_seqlens = _pack(input_ids, attention_mask)
+    ids, positions, slots, packed = _pack(input_ids, attention_mask)
     emb = self.embeddings
     x = emb.drop(emb.norm(emb.tok_embeddings(ids)))
     types_ = self.config.layer_types
     rope = {t: tuple(c[0] for c in self.rotary_emb(x, positions[None], t)) for t in set(types_)}
     windows = [self.config.sliding_window if t == "sliding_attention" else None for t in types_]
-    packed = PackedBatch(lengths, cu_seqlens)
     x = _run_layers(self, self.layers, _modernbert_layer, x, packed, self.config.num_attention_heads,
                     [rope[t] for t in types_], windows)  # fmt: skip
     return _unpack(self.final_norm(x), slots, input_ids.shape)

@@ -108,7 +108,7 @@ def test_qkv_split_is_one_backward_node(tiny_model):
     model = SentenceTransformer(str(tiny_model), device="cpu")
     layer = model[0].auto_model.encoder.layer[0]
     x = torch.randn(7, 64, requires_grad=True)
-    batch = unpadded.PackedBatch([3, 4], torch.tensor([0, 3, 7], dtype=torch.int32))
+    batch = unpadded.PackedBatch([4, 3], torch.tensor([0, 4, 7], dtype=torch.int32))
     names = _node_names(unpadded._bert_layer(layer, x, batch, heads=2))
     assert "UnbindBackward0" in names and "SelectBackward0" not in names  # three selects zero-fill 3x the grad
 
