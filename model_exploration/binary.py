@@ -12,19 +12,39 @@ embedding norm, e.g. after a Normalize module):
 - annealed_tanh:  tanh(beta(step) * x) with beta annealed geometrically from beta_start to beta_end, so training
                   moves from the float problem to the binary one; a pure function of the global step (exact resume).
 The loss is MNRL on the surrogate embeddings plus `float_weight` x MNRL on the float ones (keeps floats useful).
+
+Where the sign threshold sits (`--bat_center`, `--bat_rotation`): a calibration layer y = (x - mu) R inserted after
+pooling (before Normalize, which does not change a sign), so each bit splits its dimension where the data does and
+the bits are rotated to lose less in quantization:
+- center `mean`:    mu = the mean pooled embedding, kept as an exponential moving average of the training batches
+                    (all ranks average the same batch means, so every rank holds the same mu);
+- center `learned`: mu starts at the mean of a sample of training texts and is trained with the model;
+- rotation `random`: R a seeded random orthogonal matrix (spreads variance evenly over dimensions);
+- rotation `itq`:   R from iterative quantization (Gong & Lazebnik, 2011) on a sample of centered training
+                    embeddings: alternately B = sign(V R) and R = the orthogonal Procrustes solution of V R ~ B;
+                    fixed during training.
+The layer is sentence-transformers' own Dense module (weight R^T, bias -mu R, no activation), so the saved model is
+still a plain SentenceTransformer folder and `encode(precision="ubinary")` gives the trained bits in one call.
+R is orthogonal: float cosine scores change only by the centering.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 from sentence_transformers.base.losses.merged_forward import embed_columns
 from transformers import TrainerCallback
 
+from model_exploration import distributed
 from model_exploration.losses import GatheredMNRLoss
 
+logger = logging.getLogger(__name__)
+
 MODES = ("ste", "clipped_ste", "tanh", "annealed_tanh")
+CENTERS = ("none", "mean", "learned")
+ROTATIONS = ("none", "random", "itq")
 
 
 def beta_at(step: int, beta_start: float, beta_end: float, anneal_steps: int) -> float:
@@ -136,3 +156,103 @@ class SurrogateStepCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.surrogate.step = state.global_step
+
+
+# ---------------------------------------------------------------- calibration: where the sign threshold sits
+
+
+def itq_rotation(v: torch.Tensor, iterations: int = 50, seed: int = 0) -> torch.Tensor:
+    """Orthogonal R minimising ||sign(V R) - V R||_F over centered embeddings V [n, d] (ITQ): alternately the bits
+    B = sign(V R) for a fixed R, and the Procrustes solution R = U W^T of V^T B = U S W^T for fixed bits."""
+    r = random_rotation(v.shape[1], seed)
+    v = v.double()
+    for _ in range(iterations):
+        b = _sign(v @ r.double())
+        u, _, wt = torch.linalg.svd(v.T @ b)
+        r = (u @ wt).float()
+    return r
+
+
+def random_rotation(dim: int, seed: int = 0) -> torch.Tensor:
+    """A seeded random orthogonal matrix (QR of a Gaussian matrix, signs fixed so the draw is uniform)."""
+    gaussian = torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, r = torch.linalg.qr(gaussian)
+    return (q * torch.sign(torch.diagonal(r))).float()
+
+
+def calibration_point(model) -> int:
+    """Index of the module after which pooled embeddings exist (Pooling), where the calibration layer goes."""
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    for i, module in enumerate(model):
+        if isinstance(module, Pooling):
+            return i + 1
+    raise ValueError("binary calibration: the model has no Pooling module to put the calibration after")
+
+
+@torch.no_grad()
+def pooled_embeddings(model, texts: list[str], batch_size: int = 64) -> torch.Tensor:
+    """Embeddings as the calibration layer receives them: the modules up to and including Pooling."""
+    upto = calibration_point(model)
+    model.eval()
+    out = []
+    for start in range(0, len(texts), batch_size):
+        features = model.preprocess(texts[start : start + batch_size])
+        features = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in features.items()}
+        for module in list(model)[:upto]:
+            features = module(features)
+        out.append(features["sentence_embedding"].float().cpu())
+    return torch.cat(out)
+
+
+class CenterTracker:
+    """`--bat_center mean`: an exponential moving average of the pooled embeddings of training batches, written into
+    the calibration layer's bias (bias = -mu R) before each forward of the layer. Batch means are averaged over ranks
+    (all-reduce), so every rank's model stays identical without DDP having to sync a parameter it does not train."""
+
+    def __init__(self, layer, momentum: float = 0.01):
+        self.layer, self.momentum = layer, momentum
+        self.handle = layer.register_forward_pre_hook(self.update)
+
+    @torch.no_grad()
+    def update(self, module, args):
+        if not module.training:
+            return
+        x = args[0]["sentence_embedding"].detach().float()
+        batch_mean = x.mean(0)
+        if distributed.world_size() > 1:
+            torch.distributed.all_reduce(batch_mean)
+            batch_mean /= distributed.world_size()
+        rotation = module.linear.weight.T  # R, [d, d]
+        mu = -module.linear.bias.float() @ rotation.T  # bias = -mu R  =>  mu = -bias R^T
+        mu = (1 - self.momentum) * mu + self.momentum * batch_mean
+        module.linear.bias.copy_((-mu @ rotation).to(module.linear.bias.dtype))
+
+
+def add_calibration(model, texts: list[str], center: str, rotation: str, seed: int = 0):
+    """Insert the calibration layer y = (x - mu) R after Pooling, fitted on `texts` (a sample of training texts,
+    the same on every rank: rank 0 computes it and broadcasts). Returns (layer, CenterTracker or None)."""
+    from sentence_transformers.sentence_transformer.modules import Dense
+
+    fitted = None
+    if distributed.is_main_process():
+        pooled = pooled_embeddings(model, texts)
+        mu = pooled.mean(0) if center != "none" else torch.zeros(pooled.shape[1])
+        if rotation == "itq":
+            r = itq_rotation(pooled - mu, seed=seed)
+        elif rotation == "random":
+            r = random_rotation(pooled.shape[1], seed)
+        else:
+            r = torch.eye(pooled.shape[1])
+        fitted = (mu, r)
+    mu, r = distributed.broadcast_object(fitted)
+    dim = r.shape[0]
+    layer = Dense(dim, dim, bias=True, activation_function=None, init_weight=r.T.contiguous(),
+                  init_bias=(-mu @ r).contiguous())  # fmt: skip
+    layer.linear.weight.requires_grad_(False)  # R stays orthogonal: fixed after fitting
+    layer.linear.bias.requires_grad_(center == "learned")
+    layer.to(model.device)
+    model.insert(calibration_point(model), layer)
+    logger.info("binary calibration after pooling: center=%s rotation=%s (fitted on %d texts)", center, rotation,
+                len(texts))  # fmt: skip
+    return layer, CenterTracker(layer) if center == "mean" else None

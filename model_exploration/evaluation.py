@@ -30,6 +30,7 @@ from model_exploration.reporting import TABLE_COLUMNS
 from model_exploration.retrieval import (
     CUTOFFS,
     MAP_CUTOFF,
+    asymmetric_search,
     binary_search,
     drop_identical_ids,
     float_search,
@@ -68,7 +69,10 @@ def evaluate_benchmark(
     each of `dims` (Matryoshka: the embeddings truncated to their first d dimensions, renormalized by the cosine
     search, binarized as they are: one encoding of the corpus serves every dimension).
 
-    Returns {row name: {metric: value, "bytes_per_vector": n, "ubinary": {...}, "ubinary_rescore": {...},
+    ubinary adds two searches of the 1-bit index: Hamming (1-bit queries) and asymmetric (float queries against the
+    documents' bits), and with `rescore_multiplier` Hamming hits re-ranked by the float query.
+    Returns {row name: {metric: value, "bytes_per_vector": n, "ubinary": {...}, "ubinary_asym": {...},
+    "ubinary_rescore": {...},
     "dims": {"256": {metric: value, ..., "ubinary": {...}}, ...}}}; binary sections carry bytes_per_vector and
     retention_<metric> (binary / float at the same dimension). With `ignore_identical_ids` (BEIR's and MTEB's
     default) a document whose id is the query's id is never a hit, unless the benchmark's own protocol keeps it."""
@@ -96,7 +100,10 @@ def evaluate_benchmark(
             row = score(float_search(queries, corpus, depth)) | {"bytes_per_vector": 4 * d}
             if d in packed:
                 query_packed = quantize_embeddings(queries.numpy(), "ubinary")
-                variants = {"ubinary": binary_search(query_packed, packed[d], depth)}
+                variants = {
+                    "ubinary": binary_search(query_packed, packed[d], depth),
+                    "ubinary_asym": asymmetric_search(queries, packed[d], depth),
+                }
                 if rescore_multiplier > 0:
                     candidates = binary_search(query_packed, packed[d], depth * rescore_multiplier)
                     variants["ubinary_rescore"] = rescore(queries, packed[d], candidates, depth)

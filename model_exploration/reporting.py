@@ -18,7 +18,7 @@ from model_exploration.keys import slug
 logger = logging.getLogger(__name__)
 
 TABLE_COLUMNS = ("mrr@1", "mrr@5", "ndcg@1", "ndcg@5", "ndcg@10", "mrr@10")
-BINARY_VARIANTS = ("ubinary", "ubinary_rescore")
+BINARY_VARIANTS = ("ubinary", "ubinary_asym", "ubinary_rescore")  # Hamming, float query vs bits, re-ranked
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -1,4 +1,5 @@
-"""Retrieval: exact top-k search (float cosine, 1-bit Hamming, float rescoring of binary candidates) and IR metrics.
+"""Retrieval: exact top-k search (float cosine, 1-bit Hamming, asymmetric float query vs 1-bit documents, float
+rescoring of binary candidates) and IR metrics.
 
 Search is chunked over queries and corpus, so memory is bounded by the chunk sizes, not the corpus, and ties are
 broken by corpus position (benchmarks keep their corpus sorted by id), so a ranking is deterministic.
@@ -77,6 +78,13 @@ def binary_search(query_packed: np.ndarray, corpus_packed: np.ndarray, k: int) -
     """Hamming search over ubinary codes. For +/-1 vectors, dot = D - 2 * hamming, so ranking by the (exact,
     integer-valued) float dot product equals ranking by Hamming distance, and runs on BLAS in chunks."""
     q = unpack_signs(query_packed)
+    return chunked_search(q, len(corpus_packed), lambda qq, c0, c1: qq @ unpack_signs(corpus_packed[c0:c1]).T, k)
+
+
+def asymmetric_search(query_emb: torch.Tensor, corpus_packed: np.ndarray, k: int) -> np.ndarray:
+    """Float query . sign(document) over the whole 1-bit index: the index stays 1 bit per dimension, only the query
+    is float (no Hamming first stage, no re-ranking). The query's norm does not change its ranking."""
+    q = query_emb.float()
     return chunked_search(q, len(corpus_packed), lambda qq, c0, c1: qq @ unpack_signs(corpus_packed[c0:c1]).T, k)
 
 

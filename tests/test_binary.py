@@ -77,3 +77,73 @@ def test_binary_aware_loss_trains_and_the_model_saves_as_a_plain_sentence_transf
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "uint8 (1, 8)"
+
+
+def _texts(n=120):
+    return [f"protein {i} binds receptor {i % 7} in cell line {i % 5} under stress {i % 3}" for i in range(n)]
+
+
+@pytest.mark.parametrize("center, rotation", [("mean", "itq"), ("learned", "random"), ("none", "itq")])
+def test_calibration_layer_saves_reloads_and_encode_gives_the_trained_bits(tiny_model, tmp_path, center, rotation):
+    """The calibration layer is sentence-transformers' Dense: the reloaded folder needs no code of ours, and its
+    encode(precision="ubinary") is the sign of the embeddings the binary loss trained on."""
+    from model_exploration.binary import add_calibration
+
+    model = SentenceTransformer(str(tiny_model), device="cpu")
+    layer, tracker = add_calibration(model, _texts(), center, rotation, seed=3)
+    assert (tracker is not None) == (center == "mean")
+    assert layer.linear.bias.requires_grad == (center == "learned") and not layer.linear.weight.requires_grad
+    rotation_matrix = layer.linear.weight.T
+    assert torch.allclose(rotation_matrix @ rotation_matrix.T, torch.eye(rotation_matrix.shape[0]), atol=1e-5)
+    # what the loss trains on: the model's forward (BinaryAwareMNRLoss embeds the columns the same way)
+    model.eval()
+    trained = model(model.preprocess(_texts(20)))["sentence_embedding"].detach()
+    model.save(str(tmp_path / "saved"))
+    script = (
+        "import sys, numpy as np\n"
+        "from sentence_transformers import SentenceTransformer\n"
+        f"m = SentenceTransformer({str(tmp_path / 'saved')!r}, device='cpu')\n"
+        f"np.save(sys.argv[1], m.encode({_texts(20)!r}, precision='ubinary'))\n"
+        "print([type(x).__name__ for x in m])\n"
+    )
+    out = subprocess.run([PYTHON, "-c", script, str(tmp_path / "bits.npy")], capture_output=True, text=True,
+                         env=subprocess_env(), cwd=tmp_path, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "['Transformer', 'Pooling', 'Dense']"
+    assert np.array_equal(np.load(tmp_path / "bits.npy"), np.packbits((trained > 0).numpy(), axis=-1))
+
+
+def test_centering_balances_bits_and_itq_lowers_quantization_error():
+    from model_exploration.binary import itq_rotation, random_rotation
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2000, 16, generator=generator) @ torch.randn(16, 16, generator=generator) + 3.0  # skewed
+    assert ((x > 0).float().mean(0) - 0.5).abs().max() > 0.3  # uncentered: some bits are nearly constant
+    v = x - x.mean(0)
+    assert ((v > 0).float().mean(0) - 0.5).abs().max() < 0.1
+
+    def quantization_error(r):
+        projected = v @ r
+        return (torch.where(projected > 0, 1.0, -1.0) - projected / projected.abs().mean()).square().sum()
+
+    assert quantization_error(itq_rotation(v, seed=1)) < quantization_error(random_rotation(16, seed=1))
+
+
+def test_mean_centering_follows_the_training_batches(tiny_model_no_dropout):
+    from model_exploration.binary import add_calibration, pooled_embeddings
+
+    model = SentenceTransformer(str(tiny_model_no_dropout), device="cpu")
+    layer, tracker = add_calibration(model, _texts(40), "mean", "random", seed=0)
+    rotation = layer.linear.weight.T
+    other = [f"an unrelated sentence about galaxies number {i}" for i in range(32)]
+    target = pooled_embeddings(model, other).mean(0)
+    model.train()
+    for _ in range(600):  # momentum 0.01: 0.99^600 of the start is left
+        with torch.no_grad():
+            model(model.preprocess(other))
+    mu = -layer.linear.bias.detach() @ rotation.T
+    assert torch.allclose(mu, target, atol=0.01 * target.abs().max())
+    model.eval()
+    before = layer.linear.bias.clone()
+    model(model.preprocess(other))
+    assert torch.equal(layer.linear.bias, before)  # inference never moves it

@@ -163,6 +163,21 @@ def test_binary_search_ranks_by_hamming_distance():
         assert top[q].tolist() == sorted(range(300), key=lambda d: (distances[q, d], d))[:20]
 
 
+def test_asymmetric_search_equals_brute_force_float_query_against_document_bits():
+    from sentence_transformers.util import quantize_embeddings
+
+    from model_exploration.retrieval import asymmetric_search
+
+    generator = torch.Generator().manual_seed(0)
+    queries, corpus = torch.randn(7, 24, generator=generator), torch.randn(300, 24, generator=generator)
+    packed = quantize_embeddings(corpus.numpy(), "ubinary")
+    assert packed.shape == (300, 3)  # the index stays 1 bit per dimension
+    brute = queries @ torch.where(corpus > 0, 1.0, -1.0).T
+    expected = torch.sort(brute, dim=1, descending=True, stable=True).indices[:, :10].numpy()
+    assert np.array_equal(asymmetric_search(queries, packed, 10), expected)
+    assert np.array_equal(asymmetric_search(3 * queries, packed, 10), expected)  # the query norm does not rank
+
+
 def test_qrels_grades_unknown_documents_and_missing_files(tmp_path, small_beir, caplog):
     with pytest.raises(UserError, match="qrels file"):
         broken = tmp_path / "noqrels"
