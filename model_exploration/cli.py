@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--nrows",
         type=_positive_int,
         default=None,
-        help="smoke test: read only the first N rows of each source (fetching, only the first N rows of its first "
-        "file: parquet and JSON lines by range requests, other formats and PubMed's first file whole)",
+        help="smoke test: read only the first N rows of each source (of each of its hub splits; fetching, only the "
+        "first N rows of its first file: parquet and JSON lines by range requests, other formats and PubMed's first "
+        "file whole)",
     )
     g.add_argument("--n_data_src", type=_positive_int, default=None, help="smoke test: use only the first N sources")
     g.add_argument(

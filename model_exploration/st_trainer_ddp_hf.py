@@ -14,6 +14,7 @@ train (resumable) -> save -> benchmark -> results.json / .md.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -26,7 +27,7 @@ from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 
 from model_exploration import binary, cli, distributed, evaluation, pretokenize, reporting, tracking, unpadded
 from model_exploration.benchmarks import load_benchmarks
-from model_exploration.data import cache_path_for, check_offline_inputs
+from model_exploration.data import COMPLETE_MARKER, cache_path_for, check_offline_inputs
 from model_exploration.errors import UserError, exit_status
 from model_exploration.fetch import Mirror, default_root
 from model_exploration.losses import GatheredCachedMNRLoss, GatheredMNRLoss
@@ -90,7 +91,8 @@ def make_mirror(args, cache_dir: Path) -> Mirror:
 
 
 def print_plan(specs, args, cache_dir: Path, mirror: Mirror) -> None:
-    """What a run would train on, offline: sources, columns, weights, where each sits in the mirror, cache paths."""
+    """What a run would train on, offline: sources, columns, weights, where each sits in the mirror (one line per
+    hub split, with its rows where parquet footers tell them), cache paths and, once built, the rows each split gave."""
     total_weight = sum(s.weight for s in specs)
     print(f"{args.mixture or 'stage ' + args.stage}: {len(specs)} sources; a batch comes from source i with p ~ weight_i x size_i "
           f"(sizes are known once loaded; weight share shown)")  # fmt: skip
@@ -100,13 +102,14 @@ def print_plan(specs, args, cache_dir: Path, mirror: Mirror) -> None:
         expand = "  (one source per config of the parquet export)" if s.expand_configs else ""
         print(f"{s.name:48} {s.weight:8.3f} {s.weight / total_weight:8.2%}  {s.describe()}{expand}")
         if not s.replay_of:
-            print(f"{'':67}mirror: {mirror.describe(s, args.nrows)}")
-        print(
-            f"{'':67}cache: {cache_path_for(cache_dir, s, args.nrows, args.seed, args.max_datapoints_per_src_for_eval)}"
-        )
+            for line in mirror.describe(s, args.nrows):
+                print(f"{'':67}mirror: {line}")
+        cache = cache_path_for(cache_dir, s, args.nrows, args.seed, args.max_datapoints_per_src_for_eval)
+        print(f"{'':67}cache: {cache}{built_rows(cache)}")
         for member in s.replay_of:
             print(f"{'':67}replays {member.name}: {member.describe()}")
-            print(f"{'':71}mirror: {mirror.describe(member, args.nrows)}")
+            for line in mirror.describe(member, args.nrows):
+                print(f"{'':71}mirror: {line}")
         if s.replay_of:
             left_out = [m.name for m in build_dataset_configs_s1() if m.is_triplet and m not in s.replay_of]
             if left_out:
@@ -114,6 +117,17 @@ def print_plan(specs, args, cache_dir: Path, mirror: Mirror) -> None:
                     f"{'':67}not replayed (triplet sources; --stage1_replay_triplets adds them): {', '.join(left_out)}"
                 )
     print(f"benchmarks: {' '.join(args.eval_benchmarks) or 'none'}")
+
+
+def built_rows(cache: Path) -> str:
+    """' (built: ...)' with the pairs a built cache holds and the raw rows each hub split gave, else ''."""
+    marker = cache / COMPLETE_MARKER
+    if not marker.exists():
+        return ""
+    meta = json.loads(marker.read_text())
+    per_split = ", ".join(f"{split} {rows:,}" for split, rows in meta.get("rows_per_split", {}).items())
+    read = f"; rows read: {per_split}" if per_split else ""
+    return f"  (built: {meta['train']:,} train + {meta['validation']:,} validation pairs{read})"
 
 
 def build_caches(specs, args, cache_dir: Path, mirror: Mirror) -> None:
@@ -270,8 +284,9 @@ def run(argv: list[str] | None = None) -> None:
     sources = load_and_cache_datasets(specs, cache_dir, args.nrows, args.seed, args.max_datapoints_per_src_for_eval,
                                       args.n_data_src, mirror, args.num_proc)  # fmt: skip
     for s in sources:
-        logger.info("source %-40s train %8d  val %4d  dropped(empty) %d",
-                    s.spec.name, len(s.train), len(s.validation), s.dropped_empty)  # fmt: skip
+        read = ", ".join(f"{split} {rows}" for split, rows in s.rows_per_split.items())
+        logger.info("source %-40s train %8d  val %4d  dropped(empty) %d%s", s.spec.name, len(s.train),
+                    len(s.validation), s.dropped_empty, f"  rows read: {read}" if read else "")  # fmt: skip
     collator_kwargs = {}
     if args.pretokenize:
         train_sets = {
