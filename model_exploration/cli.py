@@ -33,6 +33,18 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def doc_fields(text: str) -> tuple[str, ...]:
+    """--doc_fields: corpus fields a benchmark document is embedded from, comma-separated, in order."""
+    from model_exploration.benchmarks import DOC_FIELDS
+
+    fields = tuple(f.strip() for f in text.split(","))
+    if not all(f in DOC_FIELDS for f in fields) or len(set(fields)) != len(fields):
+        raise argparse.ArgumentTypeError(
+            f"expected fields of {','.join(DOC_FIELDS)} (e.g. text or title,text), got {text}"
+        )
+    return fields
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="st_trainer_ddp_hf.py",
@@ -291,6 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmarks for eval steps and the end-of-run table: nanobeir nasa_smd nasa_sde beir:PATH "
         "(default: stage 1 nanobeir; stage 2 nanobeir nasa_smd nasa_sde; sample beir:data/scifact; none for "
         "--mixture; pass nothing for none)",
+    )
+    g.add_argument(
+        "--doc_fields",
+        type=doc_fields,
+        default=None,
+        metavar="FIELDS",
+        help="benchmarks: the corpus fields a document is embedded from, e.g. title,text (BEIR's convention) or text "
+        "(default: each benchmark's published protocol: text for NASA SMD / SDE as the paper, title,text for beir: "
+        "folders; NanoBEIR's one field already holds the title)",
     )
     g.add_argument(
         "--keep_identical_ids",

@@ -272,7 +272,7 @@ def run(argv: list[str] | None = None) -> None:
     output_dir, resume_from = resolve_output_dir(args)
     model, native_max_len = load_model(args, mirror)
     with distributed.rank0_first():  # rank 0 fetches what the mirror lacks; the others then read it
-        benchmarks = [b for spec in args.eval_benchmarks for b in load_benchmarks(spec, mirror)]
+        benchmarks = [b for spec in args.eval_benchmarks for b in load_benchmarks(spec, mirror, args.doc_fields)]
     check_offline_inputs(specs, cache_dir, args.nrows, args.seed, args.max_datapoints_per_src_for_eval, mirror,
                          args.n_data_src)  # fmt: skip
     if distributed.is_main_process():  # only once the inputs are known good: no half-made run folders

@@ -450,6 +450,46 @@ def test_hub_nanobeir_rows_equal_sentence_transformers_nanobeir_evaluator(tmp_pa
     assert len(ours) == 14
 
 
+def test_hub_nasa_scores_differ_between_document_protocols_exactly_where_titles_are_non_empty(tmp_path):
+    """NASA SMD / SDE embed a document's `text` alone by default (the paper's protocol); `title,text` is BEIR's. The
+    fixture's SMD titles are all empty and half of its SDE titles are not: only SDE documents, and only those with a
+    title, change, and so only SDE's scores."""
+    from sentence_transformers import SentenceTransformer
+
+    from model_exploration import compare
+    from model_exploration.benchmarks import NASA_SDE_REPO, NASA_SMD_REPO, load_benchmarks
+    from model_exploration.evaluation import RetrievalEvaluator
+
+    model_dir = FIXTURE / "models" / "nasa-impact" / "indus-sde-st-v0.1"
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    with_titles = {}
+    for spec, repo in (("nasa_smd", NASA_SMD_REPO), ("nasa_sde", NASA_SDE_REPO)):
+        corpus = data.read_jsonl(FIXTURE / fetch.hub_checkout(repo, False) / "corpus.jsonl", spec)
+        titled = {d["_id"] for d in corpus if d["title"]}
+        with_titles[spec] = len(titled)
+        paper = load_benchmarks(spec, fixture_mirror())[0]
+        beir = load_benchmarks(spec, fixture_mirror(), ("title", "text"))[0]
+        assert (paper.doc_fields, beir.doc_fields) == (("text",), ("title", "text"))
+        texts = {d["_id"]: d["text"] for d in corpus}
+        assert all(text == texts[i] for i, text in zip(paper.corpus_ids, paper.corpus_texts))
+        changed = {i for i, a, b in zip(paper.corpus_ids, paper.corpus_texts, beir.corpus_texts) if a != b}
+        assert changed == titled
+        rows = [RetrievalEvaluator([b]).compute_rows(model) for b in (paper, beir)]
+        differs = any(rows[0][r][m] != rows[1][r][m] for r in rows[0] for m in ("ndcg@10", "mrr@10", "map@100"))
+        assert differs == bool(titled), spec
+    assert with_titles["nasa_smd"] == 0 and with_titles["nasa_sde"] > 0
+
+    # compare.py: a protocol is part of what a result means, so a re-run under the other one is not skipped
+    out = tmp_path / "cmp"
+    argv = ["--models", str(model_dir), "--benchmarks", "nasa_sde", "--output_dir", str(out), "--hub_dir",
+            str(FIXTURE), "--no_charts"]  # fmt: skip
+    assert compare.main(argv) == 0
+    first = json.loads((out / "results.json").read_text())[str(model_dir)]["nasa_sde"]
+    assert compare.main([*argv, "--doc_fields", "title,text"]) == 0
+    second = json.loads((out / "results.json").read_text())[str(model_dir)]["nasa_sde"]
+    assert first != second
+
+
 # ---------------------------------------------------------------- end to end, offline
 
 
