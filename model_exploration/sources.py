@@ -22,6 +22,8 @@ from model_exploration.keys import REPO_ROOT, short_hash
 MIXTURES_DIR = Path(__file__).resolve().parent / "mixtures"
 FETCH_WAYS = ("hub", "parquet_export", "pubmed_baseline", "kaggle", "jsonl")
 CLEANERS = ("strip_xml", "normalize_whitespace")
+# where the sources that name no hub repo or file come from
+FIXED_HOMES = {"pubmed_baseline": "NCBI PubMed baseline", "kaggle": "Kaggle Cornell-University/arxiv"}
 # `splits: all`: every split the repo serves (as `datasets`' split="all"), listed when first fetched (fetch.Mirror)
 ALL_SPLITS = "all"
 
@@ -117,8 +119,7 @@ class SourceSpec:
         if self.replay_of:
             rows = f"{self.rows_per_source} random rows" if self.rows_per_source else "every row"
             return f"replay: {rows} of each of {len(self.replay_of)} Stage-1 sources (anchor, positive)"
-        fixed = {"pubmed_baseline": "NCBI PubMed baseline", "kaggle": "Kaggle Cornell-University/arxiv"}
-        where = f"{self.fetch}: " + (self.hub or self.data_files or fixed.get(self.fetch, "?"))
+        where = f"{self.fetch}: " + (self.hub or self.data_files or FIXED_HOMES.get(self.fetch, "?"))
         if self.config:
             where += f" [{self.config}]"
         if self.data_files and self.hub:
