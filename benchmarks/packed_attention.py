@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    lengths = lengths_mix(args.batch, 0)
+    lengths = sorted(lengths_mix(args.batch, 0), reverse=True)  # packed longest first, as unpadded._pack does
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).tolist()
     tokens = sum(lengths)
     packed = unpadded.PackedBatch(lengths, torch.tensor(starts + [tokens], dtype=torch.int32))

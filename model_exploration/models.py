@@ -7,6 +7,7 @@ bf16 is emulated and slower than fp32, so it is not the test here.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -15,6 +16,11 @@ import torch
 from model_exploration.errors import UserError
 
 logger = logging.getLogger(__name__)
+
+# Learned positions of these start at padding_idx + 1 (fairseq's convention): position p of a sequence reads row
+# p + padding_idx + 1 of the position table, so the last rows, not the first, bound the usable length.
+ROBERTA_FAMILY = ("roberta", "xlm-roberta", "camembert")
+MPNET_PADDING_IDX = 1  # MPNetEmbeddings hard-codes it, whatever the config's pad_token_id
 
 
 def device() -> torch.device:
@@ -49,12 +55,45 @@ def load_sentence_transformer(name: str, flag: str = "--model_name", inference_d
         ) from None
 
 
+def position_offset(config) -> int:
+    """Row of the position table that a sequence's first token reads: padding_idx + 1 for the RoBERTa family and
+    MPNet, 0 for BERT."""
+    model_type = getattr(config, "model_type", None)
+    if model_type in ROBERTA_FAMILY:
+        return config.pad_token_id + 1
+    return MPNET_PADDING_IDX + 1 if model_type == "mpnet" else 0
+
+
+def usable_max_len(config) -> int | None:
+    """The longest input the model can embed: its position table's rows minus the offset (a 514-position RoBERTa
+    such as base INDUS or XLM-R: 512; INDUS-SDE's 1,026: 1,024); None when unbounded by a table (rotary models
+    report max_position_embeddings as their trained length, which is used as the bound)."""
+    positions = getattr(config, "max_position_embeddings", None)
+    return None if positions is None else positions - position_offset(config)
+
+
+def transformer_config(name: str):
+    """The transformers config of a SentenceTransformer's Transformer module, read without loading weights, from a
+    local folder or a hub id already in the Hugging Face cache; None if neither has it."""
+    from transformers import AutoConfig
+
+    folder = Path(name)
+    if (folder / "modules.json").exists():
+        modules = json.loads((folder / "modules.json").read_text())
+        folder = folder / next((m["path"] for m in modules if m["type"].endswith(".Transformer")), "")
+    try:
+        return AutoConfig.from_pretrained(str(folder) if folder.exists() else name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not available offline (or not a transformers model): the caller says so
+        return None
+
+
 def set_max_len(model, wanted: int, flag: str = "--model_max_len") -> int:
-    """max_seq_length = wanted, capped at the model's position embeddings (beyond them BERT-style models index out
+    """max_seq_length = wanted, capped at the model's usable length (beyond it learned-position models index out
     of range); returns the length set."""
-    limit = getattr(model[0].auto_model.config, "max_position_embeddings", wanted)
+    limit = usable_max_len(model[0].auto_model.config) or wanted
     if wanted > limit:
-        logger.warning("%s %d exceeds the model's %d positions; using %d", flag, wanted, limit, limit)
+        logger.warning("%s %d exceeds the %d tokens this model can embed (its position table); using %d", flag,
+                       wanted, limit, limit)  # fmt: skip
     model.max_seq_length = min(wanted, limit)
     return model.max_seq_length
 

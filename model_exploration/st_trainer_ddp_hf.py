@@ -31,7 +31,13 @@ from model_exploration.data import COMPLETE_MARKER, cache_path_for, check_offlin
 from model_exploration.errors import UserError, exit_status
 from model_exploration.fetch import Mirror, default_root
 from model_exploration.losses import GatheredCachedMNRLoss, GatheredMNRLoss
-from model_exploration.models import bf16_native, freeze_unused_pooler, load_sentence_transformer, set_max_len
+from model_exploration.models import (
+    bf16_native,
+    freeze_unused_pooler,
+    load_sentence_transformer,
+    set_max_len,
+    transformer_config,
+)
 from model_exploration.training import (
     CHECKPOINT_MARKER,
     CheckpointCompleteCallback,
@@ -116,7 +122,20 @@ def print_plan(specs, args, cache_dir: Path, mirror: Mirror) -> None:
                 print(
                     f"{'':67}not replayed (triplet sources; --stage1_replay_triplets adds them): {', '.join(left_out)}"
                 )
+    print(f"model: {args.model_name}: {model_plan(args, mirror)}")
     print(f"benchmarks: {' '.join(args.eval_benchmarks) or 'none'}")
+
+
+def model_plan(args, mirror: Mirror) -> str:
+    """How the model would train, read from its config alone (no weights): the fast path or why not."""
+    try:
+        location = mirror.model(args.model_name)
+    except UserError as exc:
+        return str(exc).split(": ", 1)[1]
+    config = transformer_config(location)
+    if config is None:
+        return "not available offline yet (fetched at start-up); its config decides the fast path"
+    return unpadded.describe(config)
 
 
 def built_rows(cache: Path) -> str:

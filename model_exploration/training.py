@@ -39,10 +39,10 @@ class MixtureTrainer(SentenceTransformerTrainer):
         self.source_weights = source_weights
         self.same_source_global_batch = same_source_global_batch
         self.custom_lr = lr_schedule
-        self.token_counter = TokenCounter()
         self._since = time.perf_counter()
         super().__init__(*args, **kwargs)
         self.flops = throughput.EncoderFlops.of(self.model)
+        self.token_counter = TokenCounter(self.flops.window)
         self.peak_flops = throughput.matmul_peak_flops(self.args.device)
 
     # -- data: one NO_DUPLICATES sampler per source, mixed by weight x size
@@ -99,14 +99,16 @@ class MixtureTrainer(SentenceTransformerTrainer):
 
 
 class TokenCounter:
-    """Pairs, real tokens, sum of squared lengths (attention work) and padded positions of the batches seen. Pairs
-    and padded positions are known from the tensors' shapes on the host; the token sums stay on the batch's device
-    (no host-device sync per step), and only read() synchronizes."""
+    """Pairs, real tokens, sum of squared lengths (attention work), windowed attention pairs (`window`: ModernBERT's
+    sliding layers) and padded positions of the batches seen. Pairs and padded positions are known from the tensors'
+    shapes on the host; the token sums stay on the batch's device (no host-device sync per step), and only read()
+    synchronizes."""
 
-    def __init__(self):
+    def __init__(self, window: int | None = None):
+        self.window = window
         self.pairs = 0
         self.padded = 0
-        self.sums: torch.Tensor | None = None  # [real tokens, sum of squared lengths] on the device
+        self.sums: torch.Tensor | None = None  # [real tokens, sum of squared lengths, windowed pairs] on the device
 
     @property
     def empty(self) -> bool:
@@ -119,13 +121,15 @@ class TokenCounter:
         self.pairs += masks[0].shape[0]
         self.padded += sum(m.numel() for m in masks)
         lengths = torch.cat([m.sum(1) for m in masks]).double()
-        step = torch.stack([lengths.sum(), lengths.square().sum()])
+        squares = lengths.square().sum()
+        windowed = squares if self.window is None else throughput.windowed_pairs(lengths, self.window)
+        step = torch.stack([lengths.sum(), squares, windowed])
         self.sums = step if self.sums is None else self.sums + step
 
-    def read(self) -> tuple[float, float, float, float]:
-        """(pairs, real tokens, sum of squared lengths, padded positions) since the last read, and start over."""
-        real, sum_sq = self.sums.tolist() if self.sums is not None else (0.0, 0.0)
-        values = (float(self.pairs), real, sum_sq, float(self.padded))
+    def read(self) -> throughput.Counts:
+        """The counts since the last read, and start over."""
+        real, sum_sq, windowed = self.sums.tolist() if self.sums is not None else (0.0, 0.0, 0.0)
+        values = throughput.Counts(float(self.pairs), real, sum_sq, windowed, float(self.padded))
         self.pairs, self.padded, self.sums = 0, 0, None
         return values
 

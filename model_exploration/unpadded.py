@@ -1,26 +1,35 @@
-"""Unpadded (packed) forward for BERT-family encoders: no FLOPs spent on padding tokens.
+"""Unpadded (packed) forwards for the encoders this workflow trains: no FLOPs spent on padding tokens.
 
 Why our own: sentence-transformers unpads only through flash-attention 2 (the `flash_attn` package or the `kernels`
-hub download), which CPU runs and offline GPU nodes lack, and the stock BERT forward computes every padding
-position of every layer: with a realistic length mix (queries ~20 tokens, passages lognormal up to 512) that is
-most of the work.
+hub download), which CPU runs and offline GPU nodes lack, and the stock forwards compute every padding position of
+every layer: with a realistic length mix (queries ~20 tokens, passages lognormal up to 512) that is most of the work.
 
-`enable_unpadded(model)` replaces the forward of each BERT model inside a SentenceTransformer by one that packs
-the real tokens of the batch into one [tokens, hidden] matrix (dense layers, LayerNorms and the FFN run on real
+`enable_unpadded(model)` replaces the forward of each supported transformer inside a SentenceTransformer by one that
+packs the real tokens of the batch into one [tokens, hidden] matrix (dense layers, norms and the FFN run on real
 tokens only), runs attention per sequence, and scatters the last hidden state back to [batch, length, hidden] for
-the usual pooling modules. The weights are the HF model's own parameters, so training updates them in place and
-the model saves and loads as a normal SentenceTransformer. Attention, chosen by measurement:
-- CUDA with bf16/fp16 inputs: `torch.nn.attention.varlen.varlen_attn` (flash attention over cu_seqlens), after a
-  one-time forward + backward probe per device and dtype (a missing kernel falls back, logged with its message;
-  out-of-memory and other device errors are raised, never taken for a missing kernel);
-- anywhere else (CPU, fp32): scaled_dot_product_attention on sequences bucketed by length, each bucket padded
-  only to its own longest. benchmarks/packed_attention.py on the 2-core CPU, passage length mix, fwd+bwd:
-  padding the batch to its longest is 2.2x slower, one SDPA call per sequence 1.0-1.5x, nested (jagged)
-  tensors 10-19x.
-Semantic difference from the stock forward, on purpose: no dropout on attention probabilities (varlen_attn has no
-dropout); hidden-state dropout is unchanged. Embeddings equal the stock model's within float tolerance (tested).
-Host-device syncs: one per forward (the sequence lengths, which size the packed tensors); gradient checkpointing
-(`--gradient_checkpointing`) recomputes each layer in backward, as the stock model does.
+the usual pooling modules. The weights are the HF model's own parameters, so training updates them in place and the
+model saves and loads as a normal SentenceTransformer. Supported, each equal to its stock forward (tested):
+- BERT and the RoBERTa family (`roberta`, `xlm-roberta`, `camembert`: INDUS, INDUS-SDE, XLM-R, multilingual-e5):
+  one forward; RoBERTa's learned positions start at padding_idx + 1, so its usable length is
+  max_position_embeddings - (padding_idx + 1) (models.usable_max_len);
+- MPNet (all-mpnet-base-v2): the same post-LayerNorm layers plus a relative-position bias shared by all layers, added
+  to the attention scores (so its attention always runs on length buckets, never varlen_attn, which takes no bias);
+- ModernBERT: pre-LayerNorm layers with fused Wqkv, rotary embeddings (one base for global and one for
+  sliding-window layers), a GLU MLP and a final norm; sliding-window layers attend within |i - j| <= local_attention/2.
+Anything else keeps its stock forward, with a WARNING naming the model type (the run then pays for padding).
+Attention, chosen by measurement:
+- CUDA with bf16/fp16 inputs: `torch.nn.attention.varlen.varlen_attn` (flash attention over cu_seqlens; sliding
+  windows through its `window_size`), after a one-time forward + backward probe per device, dtype and window use (a
+  missing kernel or argument falls back, logged with its message; out-of-memory and other device errors are raised,
+  never taken for a missing kernel);
+- anywhere else (CPU, fp32), and for a score bias: scaled_dot_product_attention on sequences bucketed by length, each
+  bucket padded only to its own longest, with a band mask for sliding windows. benchmarks/packed_attention.py on the
+  2-core CPU, passage length mix, fwd+bwd: padding the batch to its longest is 2.2x slower, one SDPA call per
+  sequence 1.0-1.5x, nested (jagged) tensors 10-19x.
+Semantic difference from the stock forwards, on purpose: no dropout on attention probabilities (varlen_attn has no
+dropout); hidden-state dropout is unchanged. Host-device syncs: one per forward (the sequence lengths, which size
+the packed tensors); gradient checkpointing (`--gradient_checkpointing`) recomputes each layer in backward, as the
+stock model does.
 """
 
 from __future__ import annotations
@@ -34,18 +43,22 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import BaseModelOutput
 
-from model_exploration.models import compute_dtype
+from model_exploration.models import ROBERTA_FAMILY, compute_dtype, position_offset, usable_max_len
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("bert",)
-_varlen_usable: dict[tuple, bool] = {}  # (device, dtype) -> whether varlen_attn runs forward and backward there
+BERT_FAMILY = ("bert", *ROBERTA_FAMILY)
+SUPPORTED_MODEL_TYPES = (*BERT_FAMILY, "mpnet", "modernbert")
+# (device, dtype, windowed) -> whether varlen_attn runs forward and backward there (with window_size if windowed)
+_varlen_usable: dict[tuple, bool] = {}
 
 
-def _varlen_attention(q, k, v, cu_seqlens, max_len: int):
+def _varlen_attention(q, k, v, cu_seqlens, max_len: int, window: int | None = None):
     from torch.nn.attention.varlen import varlen_attn
 
-    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
+    if window is None:  # no window argument at all: torch builds without it still run full attention
+        return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len)
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, window_size=(window, window))
 
 
 def _is_resource_error(exc: BaseException) -> bool:
@@ -57,13 +70,14 @@ def _is_resource_error(exc: BaseException) -> bool:
     )
 
 
-def varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether varlen_attn works on this device and dtype, forward and backward, probed once per process on a tiny
-    input (a kernel missing for this GPU or build fails there, not in the middle of a training step). A failure is
-    logged with its message; device errors (out of memory, ...) are raised, not taken for a missing kernel."""
+def varlen_usable(device: torch.device, dtype: torch.dtype, windowed: bool = False) -> bool:
+    """Whether varlen_attn works on this device and dtype (with a sliding window if `windowed`), forward and
+    backward, probed once per process on a tiny input (a kernel missing for this GPU or build fails there, not in the
+    middle of a training step). A failure is logged with its message; device errors (out of memory, ...) are raised,
+    not taken for a missing kernel."""
     device = torch.device(device)
     index = device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else 0
-    key = (f"{device.type}:{index}", dtype)
+    key = (f"{device.type}:{index}", dtype, windowed)
     if key not in _varlen_usable:
         try:
             # the probe may run inside the first forward: of a no-grad or inference pass (GradCache's first pass,
@@ -77,14 +91,15 @@ def varlen_usable(device: torch.device, dtype: torch.dtype) -> bool:
             ):
                 q, k, v = (torch.randn(6, 2, 64, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
                 cu = torch.tensor([0, 2, 6], device=device, dtype=torch.int32)
-                _varlen_attention(q, k, v, cu, 4).float().sum().backward()
+                _varlen_attention(q, k, v, cu, 4, 1 if windowed else None).float().sum().backward()
             _varlen_usable[key] = True
         except Exception as exc:  # noqa: BLE001 - anything but a device error means: no usable kernel here
             if _is_resource_error(exc):
                 raise
             _varlen_usable[key] = False
-            logger.warning("varlen_attn unusable on %s/%s (%s: %s); using bucketed SDPA", device, dtype,
-                           type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")  # fmt: skip
+            logger.warning("varlen_attn%s unusable on %s/%s (%s: %s); using bucketed SDPA",
+                           " with a sliding window" if windowed else "", device, dtype, type(exc).__name__,
+                           str(exc).splitlines()[0][:200] if str(exc) else "")  # fmt: skip
     return _varlen_usable[key]
 
 
@@ -105,58 +120,149 @@ def length_buckets(lengths: list[int], waste: float = 0.125) -> list[list[int]]:
 
 
 class PackedBatch:
-    """Sequence boundaries of a packed batch. The fallback's bucket plan (token indices, key masks) is built once
-    per forward and shared by all layers."""
+    """Sequence boundaries of a packed batch whose sequences are in descending length order (as _pack lays them
+    out), so that each length bucket is a contiguous run of tokens: the bucketed attention slices its inputs
+    instead of gathering them. The bucket plan (token ranges, masks) is built once per forward and shared by all
+    layers. `score_bias`: MPNet's relative-position bias, [heads, n, n] per bucket length n, computed before the
+    layers (outside any checkpointed region, as it carries gradients)."""
 
-    def __init__(self, lengths: list[int], cu_seqlens: torch.Tensor):
+    def __init__(self, lengths: list[int], cu_seqlens: torch.Tensor, score_bias: dict | None = None):
+        if any(a < b for a, b in zip(lengths, lengths[1:])):
+            raise ValueError("PackedBatch: sequences must be packed longest first")
         self.lengths, self.cu_seqlens = lengths, cu_seqlens  # lengths on the host, cu_seqlens on the device
-        self.max_len = max(lengths)
+        self.max_len = lengths[0]
+        self.score_bias = score_bias
         self._plan: list[tuple] | None = None
+        self._masks: dict[tuple, torch.Tensor | None] = {}
+
+    def bucket_lengths(self) -> set[int]:
+        return {self.lengths[b[0]] for b in length_buckets(self.lengths)}
 
     def bucket_plan(self, device: torch.device) -> list[tuple]:
-        """Per bucket: (token indices, rows, longest, key mask or None, slots of real tokens or None)."""
+        """Per bucket: (first token, end token, rows, longest, real-token mask [rows, longest] or None if all rows
+        are full, slots of the real tokens in the [rows * longest] grid or None)."""
         if self._plan is None:
-            starts = [0] + list(accumulate(self.lengths))[:-1]
+            starts = [0, *accumulate(self.lengths)]
             self._plan = []
-            for bucket in length_buckets(self.lengths):
-                longest = self.lengths[bucket[0]]
-                ranges = [torch.arange(starts[i], starts[i] + self.lengths[i]) for i in bucket]
-                index = torch.cat(ranges).to(device)
-                if all(self.lengths[i] == longest for i in bucket):
-                    self._plan.append((index, len(bucket), longest, None, None))
+            for bucket in length_buckets(self.lengths):  # consecutive indices: the lengths are sorted
+                longest, first, last = self.lengths[bucket[0]], bucket[0], bucket[-1]
+                span = (starts[first], starts[last + 1], len(bucket), longest)
+                if self.lengths[last] == longest:
+                    self._plan.append((*span, None, None))
                     continue
-                mask = torch.arange(longest) < torch.tensor([self.lengths[i] for i in bucket])[:, None]
+                mask = torch.arange(longest) < torch.tensor(self.lengths[first : last + 1])[:, None]
                 slots = mask.flatten().nonzero().squeeze(1).to(device)
-                self._plan.append((index, len(bucket), longest, mask.to(device), slots))
+                self._plan.append((*span, mask.to(device), slots))
         return self._plan
 
+    def attention_mask(self, bucket: int, real: torch.Tensor | None, longest: int, window: int | None, dtype):
+        """SDPA's attn_mask for one bucket: keys that are real tokens and within the window (boolean, built once per
+        forward), plus the score bias (added per call: a cached tensor with a graph would break recomputation). A
+        padding query row may see every real key: its output is dropped, and a row without keys would be NaN,
+        whose backward poisons the real keys' gradients."""
+        key = (bucket, window)
+        if key not in self._masks:
+            mask = None if real is None else real[:, None, None, :]  # [rows, 1, 1, keys]
+            if window is not None and longest > window + 1:
+                position = torch.arange(longest, device=self.cu_seqlens.device)
+                band = ((position[:, None] - position[None, :]).abs() <= window)[None, None]
+                mask = band if real is None else mask & (band | ~real[:, None, :, None])
+            self._masks[key] = mask
+        mask = self._masks[key]
+        if self.score_bias is None:
+            return mask
+        bias = self.score_bias[longest].to(dtype)[None]  # [1, heads, queries, keys]
+        return bias if mask is None else torch.where(mask, bias, torch.finfo(dtype).min)
 
-def _bucketed_attention(q, k, v, batch: PackedBatch):
+
+def _bucketed_attention(q, k, v, batch: PackedBatch, window: int | None = None):
     """Attention of packed q/k/v [tokens, heads, dim], one SDPA call per bucket of similar lengths."""
     out = torch.empty_like(q)
     heads, dim = q.shape[1], q.shape[2]
-    for index, rows, longest, mask, slots in batch.bucket_plan(q.device):
-        if mask is None:  # equal lengths: a plain reshape, no padding
-            qb, kb, vb = (t[index].view(rows, longest, heads, dim).transpose(1, 2) for t in (q, k, v))
-            out[index] = F.scaled_dot_product_attention(qb, kb, vb).transpose(1, 2).reshape(-1, heads, dim)
+    for b, (start, stop, rows, longest, real, slots) in enumerate(batch.bucket_plan(q.device)):
+        mask = batch.attention_mask(b, real, longest, window, q.dtype)
+        if real is None:  # equal lengths: a plain view, no padding
+            qb, kb, vb = (t[start:stop].view(rows, longest, heads, dim).transpose(1, 2) for t in (q, k, v))
+            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
+            out[start:stop] = ob.transpose(1, 2).reshape(-1, heads, dim)
             continue
+        # in place into fresh zeros: the out-of-place index_copy would copy the zeros once more
         padded = [
-            t.new_zeros(rows * longest, heads, dim).index_copy(0, slots, t[index]).view(rows, longest, heads, dim)
+            t.new_zeros(rows * longest, heads, dim).index_copy_(0, slots, t[start:stop]).view(rows, longest, heads, dim)
             for t in (q, k, v)
         ]
-        ob = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in padded), attn_mask=mask[:, None, None, :])
-        out[index] = ob.transpose(1, 2).reshape(-1, heads, dim)[slots]
+        ob = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in padded), attn_mask=mask)
+        out[start:stop] = ob.transpose(1, 2).reshape(-1, heads, dim)[slots]
     return out
 
 
-def packed_attention(q, k, v, batch: PackedBatch):
-    """softmax(q k^T / sqrt(d)) v within each sequence of packed [tokens, heads, dim] tensors."""
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and varlen_usable(q.device, q.dtype):
-        return _varlen_attention(q, k, v, batch.cu_seqlens, batch.max_len)
-    return _bucketed_attention(q, k, v, batch)
+def packed_attention(q, k, v, batch: PackedBatch, window: int | None = None):
+    """softmax(q k^T / sqrt(d) [+ bias]) v within each sequence of packed [tokens, heads, dim] tensors, keys limited
+    to |i - j| <= window when given."""
+    if (
+        batch.score_bias is None
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and varlen_usable(q.device, q.dtype, window is not None)
+    ):
+        return _varlen_attention(q, k, v, batch.cu_seqlens, batch.max_len, window)
+    return _bucketed_attention(q, k, v, batch, window)
 
 
-def _layer_forward(layer, x, batch: PackedBatch, heads: int):
+# ---------------------------------------------------------------- packing and the layer loop
+
+
+def _pack(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+    """(token ids of real tokens, their 0-based positions within their sequence, their slots in the [batch * length]
+    grid, the PackedBatch). Sequences are packed longest first (each length bucket a contiguous run); left or right
+    padding alike."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    mask = attention_mask.bool()
+    seq_lengths = mask.sum(1)
+    lengths = seq_lengths.tolist()  # the forward's one host-device sync: sizes of what follows
+    # longest first, ties in batch order: the order length_buckets groups them in, computed on the device (no sync)
+    order = torch.argsort(seq_lengths, descending=True, stable=True)
+    width = mask.shape[1]
+    # slots of real tokens in the [batch * length] grid, in packed order; their count is known, so no second sync
+    in_order = torch.nonzero_static(mask[order].flatten(), size=sum(lengths)).squeeze(1)
+    slots = order[in_order // width] * width + in_order % width
+    cu_seqlens = F.pad(seq_lengths[order].cumsum(0, dtype=torch.int32), (1, 0))
+    positions = (mask.long().cumsum(1) - 1).flatten()[slots]
+    packed = PackedBatch(sorted(lengths, reverse=True), cu_seqlens)
+    return input_ids.flatten()[slots], positions, slots, packed
+
+
+def _unpack(x: torch.Tensor, slots: torch.Tensor, shape: torch.Size) -> BaseModelOutput:
+    hidden = x.new_zeros(shape[0] * shape[1], x.shape[-1]).index_copy_(0, slots, x)
+    return BaseModelOutput(last_hidden_state=hidden.view(shape[0], shape[1], -1))
+
+
+def _run_layers(model, layers, layer_forward, x, *extra):
+    """x through each layer; with --gradient_checkpointing only layer inputs are kept and the rest is recomputed in
+    backward. transformers marks the encoder (or, in newer releases, each layer) when checkpointing is enabled."""
+    owner = getattr(model, "encoder", model)
+    recompute = model.training and any(getattr(m, "gradient_checkpointing", False) for m in (owner, *layers))
+    for i, layer in enumerate(layers):
+        args = (layer, x, *(e[i] if isinstance(e, list) else e for e in extra))
+        x = checkpoint(layer_forward, *args, use_reentrant=False) if recompute else layer_forward(*args)
+    return x
+
+
+def _stock_call(input_ids, kwargs) -> bool:
+    """Inputs the packed forwards do not handle go to the stock forward: embeddings given directly, hidden states
+    or attentions asked for, explicit position ids."""
+    return (
+        input_ids is None
+        or any(kwargs.get(k) is not None for k in ("inputs_embeds", "position_ids"))
+        or any(kwargs.get(k) for k in ("output_hidden_states", "output_attentions"))
+    )
+
+
+# ---------------------------------------------------------------- BERT / RoBERTa family and MPNet (post-LayerNorm)
+
+
+def _bert_layer(layer, x, batch: PackedBatch, heads: int):
     attn = layer.attention.self
     tokens, hidden = x.shape
     weight = torch.cat([attn.query.weight, attn.key.weight, attn.value.weight])
@@ -171,59 +277,139 @@ def _layer_forward(layer, x, batch: PackedBatch, heads: int):
 
 
 def unpadded_bert_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
-    """BertModel.forward on real tokens only; returns last_hidden_state as [batch, length, hidden] (zeros at pads)."""
-    if input_ids is None or kwargs.get("inputs_embeds") is not None or kwargs.get("output_hidden_states"):
+    """BertModel / RobertaModel.forward on real tokens only; last_hidden_state as [batch, length, hidden] (zeros at
+    pads). RoBERTa-family positions start at padding_idx + 1 (models.position_offset)."""
+    if _stock_call(input_ids, kwargs):
         return self._stock_forward(input_ids=input_ids, attention_mask=attention_mask,
                                    token_type_ids=token_type_ids, **kwargs)  # fmt: skip
-    batch, length = input_ids.shape
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    mask = attention_mask.bool()
-    seq_lengths = mask.sum(1)
-    lengths = seq_lengths.tolist()  # the forward's one host-device sync: sizes of what follows
-    # positions of real tokens in the [batch * length] grid; its size is known, so no second sync
-    slots = torch.nonzero_static(mask.flatten(), size=sum(lengths)).squeeze(1)
-    cu_seqlens = F.pad(seq_lengths.cumsum(0, dtype=torch.int32), (1, 0))
-    positions = (mask.long().cumsum(1) - 1).flatten()[slots]
-
+    ids, positions, slots, packed = _pack(input_ids, attention_mask)
     emb = self.embeddings
-    x = emb.word_embeddings(input_ids.flatten()[slots]) + emb.position_embeddings(positions)
+    x = emb.word_embeddings(ids) + emb.position_embeddings(positions + position_offset(self.config))
     types_ = token_type_ids.flatten()[slots] if token_type_ids is not None else torch.zeros_like(positions)
     x = emb.dropout(emb.LayerNorm(x + emb.token_type_embeddings(types_)))
+    x = _run_layers(self, self.encoder.layer, _bert_layer, x, packed, self.config.num_attention_heads)
+    return _unpack(x, slots, input_ids.shape)
 
-    packed = PackedBatch(lengths, cu_seqlens)
-    heads = self.config.num_attention_heads
-    # transformers marks the encoder (or, in newer releases, each layer) when checkpointing is enabled
-    recompute = self.training and any(
-        getattr(m, "gradient_checkpointing", False) for m in (self.encoder, *self.encoder.layer)
-    )
-    for layer in self.encoder.layer:
-        if recompute:  # --gradient_checkpointing: keep only layer inputs, recompute the rest in backward
-            x = checkpoint(_layer_forward, layer, x, packed, heads, use_reentrant=False)
-        else:
-            x = _layer_forward(layer, x, packed, heads)
-    hidden = x.new_zeros(batch * length, x.shape[-1]).index_copy(0, slots, x)
-    return BaseModelOutput(last_hidden_state=hidden.view(batch, length, -1))
+
+def _mpnet_layer(layer, x, batch: PackedBatch, heads: int):
+    attn = layer.attention.attn
+    tokens, hidden = x.shape
+    weight = torch.cat([attn.q.weight, attn.k.weight, attn.v.weight])
+    bias = torch.cat([attn.q.bias, attn.k.bias, attn.v.bias])
+    q, k, v = F.linear(x, weight, bias).view(tokens, 3, heads, hidden // heads).unbind(1)
+    context = packed_attention(q, k, v, batch).reshape(tokens, hidden)
+    x = layer.attention.LayerNorm(layer.attention.dropout(attn.o(context)) + x)
+    h = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
+    out = layer.output
+    return out.LayerNorm(out.dropout(out.dense(h)) + x)
+
+
+def unpadded_mpnet_forward(self, input_ids=None, attention_mask=None, **kwargs):
+    """MPNetModel.forward on real tokens only. The relative-position bias depends on i - j alone, so one
+    [heads, n, n] bias per bucket length serves every sequence and layer (the stock model also computes it once)."""
+    if _stock_call(input_ids, kwargs):
+        return self._stock_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    ids, positions, slots, packed = _pack(input_ids, attention_mask)
+    emb = self.embeddings
+    x = emb.word_embeddings(ids) + emb.position_embeddings(positions + position_offset(self.config))
+    x = emb.dropout(emb.LayerNorm(x))
+    # the stock call (compute_position_bias of a [1, n, .] input), once per bucket length, before the layers
+    packed.score_bias = {
+        n: self.encoder.compute_position_bias(x.new_empty(1, n, 1))[0] for n in packed.bucket_lengths()
+    }
+    x = _run_layers(self, self.encoder.layer, _mpnet_layer, x, packed, self.config.num_attention_heads)
+    return _unpack(x, slots, input_ids.shape)
+
+
+# ---------------------------------------------------------------- ModernBERT (pre-LayerNorm, rotary, GLU, windows)
+
+
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of packed [tokens, ..., dim] (queries and keys together) with per-token cos/sin
+    [tokens, dim], in fp32 as the stock apply_rotary_pos_emb computes it."""
+    x = t.float()
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (cos.shape[1],)
+    return (x * cos.view(shape) + rotated * sin.view(shape)).to(t.dtype)
+
+
+def _modernbert_layer(layer, x, batch: PackedBatch, heads: int, rope, window: int | None):
+    attn = layer.attn
+    tokens, hidden = x.shape
+    qkv = attn.Wqkv(layer.attn_norm(x)).view(tokens, 3, heads, hidden // heads)
+    q, k = _rotate(qkv[:, :2], *rope).unbind(1)
+    context = packed_attention(q, k, qkv[:, 2], batch, window).reshape(tokens, hidden)
+    x = x + attn.out_drop(attn.Wo(context))
+    return x + layer.mlp(layer.mlp_norm(x))
+
+
+def unpadded_modernbert_forward(self, input_ids=None, attention_mask=None, **kwargs):
+    """ModernBertModel.forward on real tokens only. Rotary positions count from each sequence's first real token
+    (the stock forward counts from the first column; attention sees only differences, so the two agree); sliding
+    layers attend to |i - j| <= config.sliding_window, as the stock mask."""
+    if _stock_call(input_ids, kwargs):
+        return self._stock_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    ids, positions, slots, packed = _pack(input_ids, attention_mask)
+    emb = self.embeddings
+    x = emb.drop(emb.norm(emb.tok_embeddings(ids)))
+    types_ = self.config.layer_types
+    rope = {t: tuple(c[0] for c in self.rotary_emb(x, positions[None], t)) for t in set(types_)}
+    windows = [self.config.sliding_window if t == "sliding_attention" else None for t in types_]
+    x = _run_layers(self, self.layers, _modernbert_layer, x, packed, self.config.num_attention_heads,
+                    [rope[t] for t in types_], windows)  # fmt: skip
+    return _unpack(self.final_norm(x), slots, input_ids.shape)
+
+
+# ---------------------------------------------------------------- switching a model
+
+
+FORWARDS = {**dict.fromkeys(BERT_FAMILY, unpadded_bert_forward), "mpnet": unpadded_mpnet_forward,
+            "modernbert": unpadded_modernbert_forward}  # fmt: skip
+
+
+def unsupported_reason(config) -> str | None:
+    """Why a transformer config cannot take the unpadded forward, or None if it can."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FORWARDS:
+        return f"model type {model_type!r} has no unpadded forward here (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        return f"this {model_type} is configured as a decoder"
+    if getattr(config, "position_embedding_type", "absolute") not in (None, "absolute"):
+        return f"this {model_type} uses {config.position_embedding_type} position embeddings"
+    return None
+
+
+def describe(config) -> str:
+    """One line for the dry run: whether this model trains on the unpadded forward, and its usable length."""
+    reason = unsupported_reason(config)
+    if reason:
+        return f"stock (padded) forward: {reason}; the run pays for padding"
+    limit = usable_max_len(config)
+    offset = position_offset(config)
+    where = f", positions from row {offset}" if offset else ""
+    return f"unpadded forward ({config.model_type}{where}; at most {limit} tokens)"
 
 
 def enable_unpadded(model) -> int:
-    """Switch every BERT transformer module of a SentenceTransformer to the unpadded forward. Returns how many
-    were switched (0: architecture not supported, the stock forward stays, with a log line saying so)."""
+    """Switch every supported transformer module of a SentenceTransformer to its unpadded forward. Returns how many
+    were switched; an unsupported one keeps the stock forward with a WARNING (the run pays for padding)."""
     switched = 0
     for module in model.modules():
         inner = getattr(module, "auto_model", None)
         if inner is None or inner.__dict__.get("_stock_forward") is not None:
             continue
         config = getattr(inner, "config", None)
-        model_type = getattr(config, "model_type", None)
-        absolute = getattr(config, "position_embedding_type", "absolute") == "absolute"
-        if model_type not in SUPPORTED_MODEL_TYPES or config.is_decoder or not absolute:
-            logger.info("unpadded forward: %s is not supported; using the stock (padded) forward", model_type)
+        reason = unsupported_reason(config)
+        if reason:
+            logger.warning("unpadded forward off: %s; the stock forward computes every padding token", reason)
             continue
         inner._stock_forward = inner.forward
-        inner.forward = types.MethodType(unpadded_bert_forward, inner)
+        inner.forward = types.MethodType(FORWARDS[config.model_type], inner)
         switched += 1
         device = next(inner.parameters()).device
         if device.type == "cuda":  # decided now, outside any forward, and logged once
             varlen_usable(device, compute_dtype(device))
+            if "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+                varlen_usable(device, compute_dtype(device), windowed=True)
     return switched

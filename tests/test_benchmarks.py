@@ -17,27 +17,39 @@ def _script(name: str):
     return module
 
 
-def test_train_throughput_compares_every_path_and_reports_its_ratios(tmp_path, capsys):
-    report = tmp_path / "report.json"
-    _script("train_throughput").main(["--steps", "1", "--warmup", "1", "--batch_size", "8", "--max_len", "64",
-                                      "--mini_batch_size", "4", "--encode_passages", "16", "--encode_batch_size", "8",
-                                      "--json", str(report)])  # fmt: skip
+def test_train_throughput_compares_every_path_per_architecture_and_reports_its_ratios(tmp_path, capsys):
+    report, rows_log = tmp_path / "report.json", tmp_path / "rows.jsonl"
+    _script("train_throughput").main(["--arch", "roberta", "modernbert", "--steps", "1", "--warmup", "1",
+                                      "--batch_size", "8", "--max_len", "64", "--mini_batch_size", "4",
+                                      "--encode_passages", "16", "--encode_batch_size", "8", "--json", str(report),
+                                      "--rows_jsonl", str(rows_log)])  # fmt: skip
     out = capsys.readouterr().out
-    rows = json.loads(report.read_text())["rows"]
+    archs = json.loads(report.read_text())["archs"]
     paths = ("plain mnrl", "plain mnrl pretok", "ours mnrl", "plain cached", "ours cached", "ours cached tok",
              "plain encode", "ours encode", "plain data pipeline", "ours data pipeline")  # fmt: skip
-    assert set(rows) == set(paths)
-    rate = {p: rows[p].get("pairs_per_s", rows[p].get("passages_per_s")) for p in paths}
-    for path in paths:
-        assert rate[path] > 0 and re.search(rf"^\| {path} \| {rate[path]:.1f} ", out, re.M), path
-    for path in ("plain mnrl", "ours mnrl"):  # the packed path computes no padding, but the batch holds it
-        assert 0 < rows[path]["padding_share"] < 1 and 0 < rows[path]["mfu"]
-    assert re.search(r"min cosine (0\.99999\d|1\.000000)", out)  # both encoders embed alike
-    expected = (f"speedup_train={rate['ours mnrl'] / rate['plain mnrl']:.2f} "
-                f"speedup_model={rate['ours mnrl'] / rate['plain mnrl pretok']:.2f} "
-                f"speedup_cached={rate['ours cached'] / rate['plain cached']:.2f} "
-                f"speedup_encode={rate['ours encode'] / rate['plain encode']:.2f}")  # fmt: skip
-    assert out.strip().splitlines()[-1] == expected
+    logged = [json.loads(line) for line in rows_log.read_text().splitlines()]
+    assert [(r["arch"], r["path"]) for r in logged] == [(a, p) for a in archs for p in archs[a]["rows"]]
+    assert list(archs) == ["roberta", "modernbert"]
+    for arch, result in archs.items():
+        section = out.split(f"### {arch}\n")[1].split("### ")[0]
+        rows = result["rows"]
+        assert set(rows) == set(paths)
+        rate = {p: rows[p].get("pairs_per_s", rows[p].get("passages_per_s")) for p in paths}
+        for path in paths:
+            assert rate[path] > 0 and re.search(rf"^\| {path} \| {rate[path]:.1f} ", section, re.M), (arch, path)
+        for path in ("plain mnrl", "ours mnrl"):  # the packed path computes no padding, but the batch holds it
+            assert 0 < rows[path]["padding_share"] < 1 and 0 < rows[path]["mfu"]
+        assert rows["ours mnrl"]["packed"] and not rows["plain mnrl"]["packed"]  # the fast path was switched on
+        assert "(skipped: packed)" in section and "(computed)" in section
+        assert result["min_cosine"] >= 0.99999  # both encoders embed alike
+        expected = (f"{arch}: speedup_train={rate['ours mnrl'] / rate['plain mnrl']:.2f} "
+                    f"speedup_model={rate['ours mnrl'] / rate['plain mnrl pretok']:.2f} "
+                    f"speedup_cached={rate['ours cached'] / rate['plain cached']:.2f} "
+                    f"speedup_encode={rate['ours encode'] / rate['plain encode']:.2f}")  # fmt: skip
+        assert expected in section.splitlines()
+        summary = re.search(rf"^\| {arch} \| unpadded \| {rate['plain mnrl']:.1f} \| {rate['ours mnrl']:.1f} \| "
+                            rf"{rate['ours mnrl'] / rate['plain mnrl']:.2f}x \|", out, re.M)  # fmt: skip
+        assert summary, arch
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # one of the measured candidates, by design

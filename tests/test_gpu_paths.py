@@ -10,7 +10,7 @@ import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-from helpers import REPO_ROOT, subprocess_env
+from helpers import REPO_ROOT, build_tiny_model, subprocess_env
 from model_exploration import cli, models, unpadded
 from model_exploration.encoding import encode_fast
 from model_exploration.training import PreemptionCallback, TokenCounter
@@ -47,7 +47,7 @@ def test_device_errors_surface_and_a_missing_kernel_falls_back_with_its_message(
 def test_the_probe_works_inside_no_grad_inference_and_checkpointed_forwards(monkeypatch):
     """The first forward can be GradCache's no-grad pass, an encoding under inference mode, or a checkpointed
     layer: a working kernel must still be found working there."""
-    monkeypatch.setattr(unpadded, "_varlen_attention", lambda q, k, v, cu, n: q * k + v)  # a differentiable stand-in
+    monkeypatch.setattr(unpadded, "_varlen_attention", lambda q, k, v, cu, n, window=None: q * k + v)  # differentiable
     device = torch.device("cpu")
     with torch.no_grad():
         assert unpadded.varlen_usable(device, torch.bfloat16)
@@ -59,7 +59,23 @@ def test_the_probe_works_inside_no_grad_inference_and_checkpointed_forwards(monk
     torch.utils.checkpoint.checkpoint(
         lambda y: y * unpadded.varlen_usable(device, torch.float16), x, use_reentrant=False
     ).sum().backward()
-    assert unpadded._varlen_usable == {("cpu:0", torch.float16): True}
+    assert unpadded._varlen_usable == {("cpu:0", torch.float16, False): True}
+
+
+def test_a_kernel_without_sliding_windows_still_serves_global_attention(monkeypatch, caplog):
+    """torch builds whose varlen_attn lacks window_size: ModernBERT's global layers keep the kernel, its sliding
+    layers fall back (probed apart)."""
+
+    def no_window(q, k, v, cu, n, window=None):
+        if window is not None:
+            raise TypeError("varlen_attn() got an unexpected keyword argument 'window_size'")
+        return q * k + v
+
+    monkeypatch.setattr(unpadded, "_varlen_attention", no_window)
+    device = torch.device("cpu")
+    assert unpadded.varlen_usable(device, torch.bfloat16) is True
+    assert unpadded.varlen_usable(device, torch.bfloat16, windowed=True) is False
+    assert "varlen_attn with a sliding window unusable" in caplog.text and "window_size" in caplog.text
 
 
 def test_a_kernel_that_fails_in_backward_is_not_used(monkeypatch):
@@ -72,7 +88,7 @@ def test_a_kernel_that_fails_in_backward_is_not_used(monkeypatch):
         def backward(ctx, grad):
             raise NotImplementedError("varlen backward is not implemented for this dtype")
 
-    monkeypatch.setattr(unpadded, "_varlen_attention", lambda q, k, v, cu, n: ForwardOnly.apply(q))
+    monkeypatch.setattr(unpadded, "_varlen_attention", lambda q, k, v, cu, n, window=None: ForwardOnly.apply(q))
     assert unpadded.varlen_usable(torch.device("cpu"), torch.float16) is False
 
 
@@ -92,12 +108,17 @@ def test_qkv_split_is_one_backward_node(tiny_model):
     model = SentenceTransformer(str(tiny_model), device="cpu")
     layer = model[0].auto_model.encoder.layer[0]
     x = torch.randn(7, 64, requires_grad=True)
-    batch = unpadded.PackedBatch([3, 4], torch.tensor([0, 3, 7], dtype=torch.int32))
-    names = _node_names(unpadded._layer_forward(layer, x, batch, heads=2))
+    batch = unpadded.PackedBatch([4, 3], torch.tensor([0, 4, 7], dtype=torch.int32))
+    names = _node_names(unpadded._bert_layer(layer, x, batch, heads=2))
     assert "UnbindBackward0" in names and "SelectBackward0" not in names  # three selects zero-fill 3x the grad
 
 
-def test_gradient_checkpointing_recomputes_layers_on_the_unpadded_path(tiny_model_no_dropout, monkeypatch):
+@pytest.mark.parametrize("arch, layers", [("bert", 2), ("roberta", 2), ("modernbert", 3)])
+def test_gradient_checkpointing_recomputes_layers_on_the_unpadded_path(arch, layers, tmp_path, monkeypatch):
+    """Same gradients with and without recomputation, for each layer kind (ModernBERT's rotary tables are built
+    before the layers: a tensor with a graph built inside a checkpointed layer and reused by the next would not be
+    recomputed consistently). MPNet's HF model refuses checkpointing itself."""
+    path = build_tiny_model(tmp_path, dropout=0.0, arch=arch, layers=layers)
     calls, grads = [], {}
 
     def counted_checkpoint(fn, *args, **kwargs):
@@ -106,7 +127,7 @@ def test_gradient_checkpointing_recomputes_layers_on_the_unpadded_path(tiny_mode
 
     monkeypatch.setattr(unpadded, "checkpoint", counted_checkpoint)
     for recompute in (False, True):
-        model = SentenceTransformer(str(tiny_model_no_dropout), device="cpu")
+        model = SentenceTransformer(str(path), device="cpu")
         unpadded.enable_unpadded(model)
         if recompute:  # what the trainer calls for --gradient_checkpointing
             inner = model[0].auto_model
@@ -116,7 +137,7 @@ def test_gradient_checkpointing_recomputes_layers_on_the_unpadded_path(tiny_mode
         features = [model.preprocess(TEXTS[:2]), model.preprocess(TEXTS[2:])]
         MultipleNegativesRankingLoss(model)([dict(f) for f in features], None).backward()
         grads[recompute] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    assert len(calls) == 2 * 2  # two layers, two columns, only when enabled
+    assert len(calls) == layers * 2  # every layer, two columns, only when enabled
     for name, grad in grads[False].items():
         assert torch.allclose(grads[True][name], grad, atol=1e-6), name
 
@@ -138,7 +159,8 @@ def test_the_step_path_does_not_read_device_values(monkeypatch):
         counter.add(masks)
         preemption.on_step_end(None, State(), type("Control", (), {})())
     assert reads == []
-    assert counter.read() == (20.0, 5 * (36 + 120), 5 * (4 * 81 + 4 * 900), 5 * (36 + 120)) and reads == ["tolist"]
+    squares = 5 * (4 * 81 + 4 * 900)
+    assert counter.read() == (20.0, 5 * (36 + 120), squares, squares, 5 * (36 + 120)) and reads == ["tolist"]
 
 
 def test_the_unpadded_forward_syncs_once(tiny_model, monkeypatch):
@@ -198,7 +220,7 @@ def test_gpu_check_refuses_to_run_without_a_gpu():
 def test_the_probe_leaves_the_random_stream_alone(monkeypatch):
     """When the probe runs inside a first forward, GradCache and checkpointing replay that forward's dropout from
     the RNG state: the probe's random inputs must not advance it."""
-    monkeypatch.setattr(unpadded, "_varlen_attention", lambda q, k, v, cu, n: q * k + v)
+    monkeypatch.setattr(unpadded, "_varlen_attention", lambda q, k, v, cu, n, window=None: q * k + v)
     torch.manual_seed(3)
     expected = torch.rand(4)
     torch.manual_seed(3)

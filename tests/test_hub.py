@@ -349,6 +349,11 @@ def test_hub_dry_run_shows_sources_mirror_state_replay_and_unverified_schemas(ca
     for spec in load_registry("2")[0][:6]:
         assert spec.name in out
     assert out.count("schema unverified") >= 2 and "2 configs, 2 fetched" in out
+    # the stand-in default model has INDUS-SDE's architecture: a RoBERTa of 1,026 positions, on the fast path
+    assert (
+        "model: nasa-impact/indus-sde-st-v0.1: unpadded forward (roberta, positions from row 2; at most 1024 tokens)"
+        in out
+    )
     assert "replay: 20000 random rows of each of 24 Stage-1 sources" in out
     assert "not replayed (triplet sources; --stage1_replay_triplets adds them): msmarco_triplet_hard" in out
     assert (
@@ -502,6 +507,7 @@ def _train(tmp_path, *extra, launcher=(PYTHON,), timeout=600):
 
 def _assert_trained_on_every_source(result, tmp_path, sources: set[str], benchmarks: set[str]):
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "unpadded forward on" in result.stderr  # the default model's architecture (RoBERTa) on the fast path
     plan = dict(re.findall(r"mixture (\S+)\s+weight .* batches/epoch\s+(\d+)", result.stderr))
     assert set(plan) == sources and all(int(n) > 0 for n in plan.values()), plan  # every source has batches
     rows = json.loads((tmp_path / "runs" / "r" / "results.json").read_text())
