@@ -86,6 +86,7 @@ def load_raw_splits(spec: SourceSpec, mirror: Mirror, nrows: int | None, work_di
         _check_columns(spec, rows[0], f" in split {member.split!r}")  # a split with other columns fails by name
         parts.append(rows)
         counts[member.split] = len(rows)
+    counts = counts if spec.fetch in ("hub", "parquet_export") else {}  # NCBI, Kaggle: files, not hub splits
     if len(parts) == 1:
         return parts[0], counts
     try:
