@@ -371,7 +371,7 @@ def run(argv: list[str] | None = None) -> None:
             reporting.write_results(table, output_dir, charts=False, json_payload=final_rows)
             print(reporting.markdown_table(table))
         # the card's table: the same rows, labelled without local paths
-        card_table = {f"{Path(args.model_name).name} (start)": starting_rows} if starting_rows else {}
+        card_table = {"starting model": starting_rows} if starting_rows else {}
         card_table |= {"this model": final_rows} if final_rows else {}
         command = release.command_line(sys.argv[1:] if argv is None else argv)
         section = release.run_section(card_table, benchmarks, sources, command, distributed.world_size(),
