@@ -1,60 +1,114 @@
 #!/usr/bin/env bash
-# The GPU check of the fast path (about 6 minutes on one H100/H200 once the machine is up).
+# The GPU check of the fast path, written for a short batch job on an air-gapped node: one command, a hard time
+# limit, no package registry, and only small files of one output folder coming back.
 #
-#   bash benchmarks/gpu_check.sh [OUT]        # OUT (default gpu_check_out): probe.json, throughput.json, *.log, the run
-#   WHEELS=DIR bash benchmarks/gpu_check.sh   # first install this project's requirements from wheels in DIR into
-#                                             # /tmp/gpu_check_site (a node without a package registry), keeping the
-#                                             # image's torch
-#   PYTHON=/path/to/python3 STEP_SECONDS=150  # the interpreter that holds the CUDA torch; each step's time limit
+#   bash benchmarks/gpu_check.sh "$OUT"                          # on the GPU node (wheels from .whl/ if present)
+#   GPU_CHECK_REHEARSAL=1 bash benchmarks/gpu_check.sh OUT       # every step on CPU at tiny shapes (the test suite
+#                                                                # runs this; its figures are not GPU figures)
+# Settings (environment): PYTHON (default python3: on the lent image only python3, inside a venv, holds the CUDA
+# torch), WHEELS (default .whl when it exists, "none" for none: wheels installed with --no-deps into SCRATCH-site,
+# keeping the image's torch), DEADLINE_SECONDS (default 540, counted from the first line; 3x that and 3x each step's
+# limit in the rehearsal), SCRATCH (default
+# /tmp/gpu_check_scratch: models, runs and checkpoints, never in OUT).
 #
-# Checks, in order (benchmarks/gpu_check.py): versions; CUDA and varlen_attn (forward and backward, bf16); unpadded vs
-# stock BERT-base on CUDA in bf16 (cosine >= 0.999, loss and gradient error bounded, varlen used, no fallback);
-# host-device syncs per training step (torch.cuda.set_sync_debug_mode); benchmarks/train_throughput.py --preset
-# bert-base (plain, plain pre-tokenized, ours; MNRL and GradCache; encoding); a 30-step --stage sample run with
-# logged MFU. Every step runs under its own time limit and logs to OUT/<step>.log as it goes, so a step that hangs
-# costs one limit, not the lease, and what ran is on disk. Ends with:
-#   gpu_check: speedup_train=X speedup_cached=Y speedup_encode=Z mfu=M syncs_per_step=S
+# OUT receives only small files, each written as its result exists: gpu_check.jsonl (the versions, each check, each
+# measured row, each step's exit status, the closing line: one JSON object per line) and one log per step. Steps, most
+# valuable first, each under its own limit and never past the deadline (a step that fails or is cut off is recorded
+# and the next one runs):
+#   mnrl     plain vs ours MNRL training, BERT-base shape, batch 128, max_len 512 (train_throughput.py)
+#   encode   SentenceTransformer.encode vs encode_fast, same shape
+#   probe    varlen_attn (global and sliding window), stock == unpadded per architecture (BERT, INDUS-SDE's RoBERTa,
+#            ModernBERT), host-device syncs per step (gpu_check.py probe)
+#   cached   GradCache: plain vs ours, mini-batch 64
+#   indus    plain vs ours MNRL training and encoding at INDUS-SDE's shape (RoBERTa-base, 1,026 positions, 1,024)
+#   sample   a 30-step --stage sample run of the entry script on that RoBERTa, with its logged MFU
+# The last line is the closing line: gpu_check <GPU> <date>: speedup_train=... ...; failed: ...
+# Exit status: 0 every check passed, 3 some failed or were cut off (named in the closing line), 2 cannot run here.
 set -uo pipefail
+started=$(date +%s)
 cd "$(dirname "$0")/.." || exit 1
-out=${1:-gpu_check_out}
-step_seconds=${STEP_SECONDS:-150}
-# `python` is not always the interpreter with the CUDA torch (on some images only python3 is, inside a venv: a
-# symlink to it loses the venv), so one interpreter is named and used throughout.
+out=${1:-}
+[ -n "$out" ] || { echo "gpu_check: name the output folder: bash benchmarks/gpu_check.sh \"\$OUT\"" >&2; exit 2; }
+mkdir -p "$out" || exit 2
+out=$(cd "$out" && pwd)
+rehearsal=${GPU_CHECK_REHEARSAL:-0}
+# a CPU is slower than the GPU even at tiny shapes (and CI shares it with the test suite): wider limits, same rules
+slack=$([ "$rehearsal" = 1 ] && echo 3 || echo 1)
+deadline=$((started + ${DEADLINE_SECONDS:-$((540 * slack))}))
+scratch=${SCRATCH:-/tmp/gpu_check_scratch}
+site=$scratch-site
 py=${PYTHON:-$(command -v python3 || command -v python)}
 [ -n "$py" ] || { echo "gpu_check: no python3 or python on PATH; set PYTHON=" >&2; exit 2; }
+wheels=${WHEELS:-}
+[ -z "$wheels" ] && [ -d .whl ] && wheels=.whl
+[ "$wheels" = none ] && wheels=
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+export GPU_CHECK_REHEARSAL=$rehearsal
 
-if [ -n "${WHEELS:-}" ]; then
-    "$py" -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/gpu_check_site "$WHEELS"/*.whl \
-        || { echo "gpu_check: installing the wheels in $WHEELS failed" >&2; exit 3; }
-    export PYTHONPATH=/tmp/gpu_check_site:${PYTHONPATH:-}
+if [ -n "$wheels" ]; then  # quietly: the first line printed is the versions line
+    rm -rf "$site"
+    if ! "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$wheels"/*.whl \
+        > "$scratch.pip.log" 2>&1; then
+        echo "gpu_check: installing the wheels in $wheels failed: $(tail -n 1 "$scratch.pip.log")" >&2
+    fi
+    export PYTHONPATH="$site:$PWD"  # exactly these: an inherited PYTHONPATH could shadow either
+else
+    export PYTHONPATH="$PWD"
 fi
-"$py" -c "import model_exploration" 2>/dev/null || export PYTHONPATH=$PWD:${PYTHONPATH:-}
-if ! "$py" -c "import torch" 2>/dev/null; then
-    echo "gpu_check: $py cannot import torch; set PYTHON= to the interpreter that holds the CUDA torch" >&2
+"$py" benchmarks/gpu_check.py versions --out "$out" || { echo "gpu_check: $py cannot run the check (no torch?)" >&2; exit 2; }
+if [ "$rehearsal" != 1 ] && ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "gpu_check: no CUDA GPU visible to torch; run it on a GPU node, or rehearse on CPU with GPU_CHECK_REHEARSAL=1" >&2
     exit 2
 fi
-if ! "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "gpu_check: no CUDA GPU visible to torch (torch.cuda.is_available() is False); run it on a GPU node" >&2
-    exit 2
-fi
-mkdir -p "$out" || exit 1
+rm -rf "$scratch" && mkdir -p "$scratch" || exit 2
 
-step() {  # step NAME COMMAND...: run under the time limit, log to OUT/NAME.log, stop the check on failure
-    local name=$1
-    shift
-    echo "gpu_check: step $name (limit ${step_seconds}s)"
-    # SIGKILL 20 s after SIGTERM: the trainer takes SIGTERM as a request to checkpoint at the next step
-    timeout -k 20 "$step_seconds" "$@" 2>&1 | tee "$out/$name.log"
-    local rc=${PIPESTATUS[0]}
-    if [ "$rc" -ne 0 ]; then
-        echo "gpu_check: step $name failed (exit $rc; 124 = over ${step_seconds}s); log: $out/$name.log" >&2
-        exit 1
+record_step() {  # NAME RC SECONDS [skipped]: one JSON line per step
+    printf '{"kind": "step", "rehearsal": %s, "name": "%s", "rc": %d, "seconds": %d, "skipped": %s}\n' \
+        "$([ "$rehearsal" = 1 ] && echo true || echo false)" "$1" "$2" "$3" "${4:-false}" >> "$out/gpu_check.jsonl"
+}
+
+reserve=25  # kept for the summary
+step() {  # NAME CAP COMMAND...: at most CAP seconds and never past the deadline; the log in OUT/NAME.log
+    local name=$1 cap=$2
+    shift 2
+    local left=$((deadline - $(date +%s) - reserve))
+    if [ "$left" -lt 30 ]; then
+        echo "gpu_check: step $name skipped: ${left}s left before the deadline"
+        record_step "$name" 0 0 true
+        return
+    fi
+    cap=$((cap * slack))
+    local limit=$((cap < left ? cap : left)) begun
+    begun=$(date +%s)
+    echo "gpu_check: step $name (limit ${limit}s)"
+    # SIGKILL 10 s after SIGTERM: the trainer takes SIGTERM as a request to checkpoint at the next step
+    timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
+    local rc=$? took=$(($(date +%s) - begun))
+    record_step "$name" "$rc" "$took"
+    if [ "$rc" -eq 0 ]; then
+        echo "gpu_check: step $name ok (${took}s)"
+    else
+        echo "gpu_check: step $name FAILED (exit $rc; 124 = past its ${limit}s) after ${took}s; last lines of $name.log:"
+        tr '\r' '\n' < "$out/$name.log" | grep -v '^ *$' | tail -n 4 | cut -c 1-300  # progress bars end in \r
     fi
 }
-step probe "$py" benchmarks/gpu_check.py probe --out "$out"
-step throughput "$py" benchmarks/train_throughput.py --preset bert-base --json "$out/throughput.json"
-step sample "$py" model_exploration/st_trainer_ddp_hf.py --stage sample --model_name "$out/model" \
-    --output_base "$out/sample_run" --max_steps 30 --logging_steps 10 --eval_and_save_steps 30 --batch_size 64 \
-    --gradient_accumulation_steps 1 --max_datapoints_per_src_for_eval 0 --eval_benchmarks --wb_mode disabled
-step summary "$py" benchmarks/gpu_check.py summary --out "$out"
+
+throughput=(benchmarks/train_throughput.py --rows_jsonl "$out/gpu_check.jsonl")
+sample=(--max_steps 30 --logging_steps 10 --eval_and_save_steps 30 --batch_size 64)
+if [ "$rehearsal" = 1 ]; then  # the same steps at tiny shapes, seconds each on one CPU core
+    throughput+=(--hidden 64 --layers 2 --heads 2 --intermediate 128 --steps 1 --warmup 1 --batch_size 8
+        --max_len 64 --mini_batch_size 4 --encode_passages 16 --encode_batch_size 8)
+    sample=(--max_steps 3 --logging_steps 1 --eval_and_save_steps 3 --batch_size 8 --nrows 32 --model_max_len 64)
+fi
+step mnrl 150 "$py" "${throughput[@]}" --preset bert-base --paths mnrl
+step encode 90 "$py" "${throughput[@]}" --preset bert-base --paths encode
+step probe 150 "$py" benchmarks/gpu_check.py probe --out "$out" --scratch "$scratch"
+step cached 120 "$py" "${throughput[@]}" --preset bert-base --paths cached
+step indus 150 "$py" "${throughput[@]}" --preset indus-sde --paths mnrl encode
+step sample 120 "$py" benchmarks/gpu_check.py sample --scratch "$scratch" -- "${sample[@]}"
+"$py" benchmarks/gpu_check.py summary --out "$out" --scratch "$scratch" 2> "$scratch/summary.log"
+rc=$?  # 0: every check passed, 3: some failed (the closing line names them), else the summary itself broke
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 3 ]; then
+    echo "gpu_check: the summary failed ($(tail -n 1 "$scratch/summary.log")); the results are in gpu_check.jsonl"
+fi
+exit "$rc"

@@ -111,21 +111,22 @@ def tokenizer_path() -> str:
     return offline_minilm_path() or str(REPO_ROOT / "benchmarks" / "tokenizer")
 
 
-def build_model(folder: Path, preset: dict, arch: str, max_len: int, seed: int) -> Path:
-    """A random-init SentenceTransformer of `arch` with the preset's shape and mean pooling, saved under `folder`."""
+def build_model(folder: Path, shape: dict, arch: str, max_len: int, seed: int) -> Path:
+    """A random-init SentenceTransformer of `arch` with `shape` (hidden, layers, heads, intermediate) and mean
+    pooling, saved under `folder`."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path())
     special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id,
                    eos_token_id=tokenizer.sep_token_id)  # fmt: skip
     if arch == "modernbert":
         special |= dict(cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id)
-    config = AutoConfig.for_model(arch, vocab_size=tokenizer.vocab_size, hidden_size=preset["hidden"],
-                                  num_hidden_layers=preset["layers"], num_attention_heads=preset["heads"],
-                                  intermediate_size=preset["intermediate"], **ARCHS[arch], **special)  # fmt: skip
+    config = AutoConfig.for_model(arch, vocab_size=tokenizer.vocab_size, hidden_size=shape["hidden"],
+                                  num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+                                  intermediate_size=shape["intermediate"], **ARCHS[arch], **special)  # fmt: skip
     torch.manual_seed(seed)
     AutoModel.from_config(config).save_pretrained(folder / "raw")
     tokenizer.save_pretrained(folder / "raw")
     transformer = Transformer(str(folder / "raw"), max_seq_length=max_len)
-    SentenceTransformer(modules=[transformer, Pooling(preset["hidden"], "mean")], device="cpu").save(
+    SentenceTransformer(modules=[transformer, Pooling(shape["hidden"], "mean")], device="cpu").save(
         str(folder / "model")
     )
     return folder / "model"
@@ -273,20 +274,23 @@ def fmt(value, spec: str) -> str:
 class RowLog:
     """Each measured row appended to a JSON-lines file at once (a job stopped at its time limit keeps them)."""
 
-    def __init__(self, path: str | None, device: str):
-        self.path, self.device = path, device
+    def __init__(self, path: str | None, device: str, preset: str):
+        self.path, self.device, self.preset = path, device, preset
 
     def write(self, arch: str, label: str, row: dict) -> None:
         print(f"{arch:12} {label:20} {rate(row):9.1f} {'passages' if 'passages_per_s' in row else 'pairs'}/s",
               flush=True)  # fmt: skip
         if self.path:
+            entry = {"kind": "row", "preset": self.preset, "arch": arch, "path": label, "device": self.device, **row}
+            if label.startswith("ours") and unpadded.probed_kernels():  # which attention kernel ran (CUDA)
+                entry["varlen_usable"] = unpadded.probed_kernels()
             with open(self.path, "a") as f:
-                f.write(json.dumps({"arch": arch, "path": label, "device": self.device, **row}) + "\n")
+                f.write(json.dumps(entry) + "\n")
 
 
 def measure_arch(arch: str, cfg, device, peak_flops: float, work: Path, texts: Dataset, log: RowLog) -> dict:
     """Every path of cfg.paths for one architecture: rows, ratios and the encoders' agreement."""
-    model_dir = build_model(work / arch, PRESETS[cfg.preset], arch, cfg.max_len, cfg.seed)
+    model_dir = build_model(work / arch, vars(cfg), arch, cfg.max_len, cfg.seed)
     tokenizer = SentenceTransformer(str(model_dir), device="cpu").tokenizer
     start = time.perf_counter()
     tokens = pretokenize.tokenize_columns(texts, tokenizer, cfg.max_len)
@@ -369,6 +373,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--paths", nargs="+", choices=list(PATH_GROUPS), default=["mnrl", "encode", "cached"],
                    help="path groups to time, in this order (default: all)")  # fmt: skip
     p.add_argument("--max_len", type=int, default=None, help="max_seq_length (default: preset)")
+    for knob in ("hidden", "layers", "heads", "intermediate"):
+        p.add_argument(f"--{knob}", type=int, default=None, help=f"model {knob} (default: preset)")
     p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per path (default: preset)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: preset)")
     p.add_argument("--batch_size", type=int, default=None, help="pairs per step (default: preset)")
@@ -391,7 +397,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu" and cfg.preset != "cpu-small":
+    if device.type == "cpu" and cfg.preset != "cpu-small" and cfg.hidden == PRESETS[cfg.preset]["hidden"]:
         print(f"note: {cfg.preset} on CPU is slow; it is the GPU setting")
     work = Path(tempfile.mkdtemp(prefix="train_throughput_"))
     n_pairs = cfg.batch_size * (cfg.warmup + cfg.steps + 4)
@@ -402,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"device: {name}; matmul peak {peak_flops / 1e12:.2f} TFLOP/s ({str(dtype).removeprefix('torch.')}); "
           f"preset {cfg.preset}; archs {' '.join(cfg.arch)}; batch {cfg.batch_size}, max_len {cfg.max_len}, "
           f"{cfg.warmup}+{cfg.steps} steps", flush=True)  # fmt: skip
-    log = RowLog(cfg.rows_jsonl, name)
+    log = RowLog(cfg.rows_jsonl, name, cfg.preset)
     results = {}
     for arch in cfg.arch:
         results[arch] = measure_arch(arch, cfg, device, peak_flops, work, texts, log)

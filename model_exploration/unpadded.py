@@ -103,6 +103,13 @@ def varlen_usable(device: torch.device, dtype: torch.dtype, windowed: bool = Fal
     return _varlen_usable[key]
 
 
+def probed_kernels() -> dict[str, bool]:
+    """What the varlen probes found so far in this process ("cuda:0/bfloat16[/windowed]" -> usable)."""
+    return {
+        f"{d}/{str(t).removeprefix('torch.')}{'/windowed' if w else ''}": v for (d, t, w), v in _varlen_usable.items()
+    }
+
+
 def length_buckets(lengths: list[int], waste: float = 0.125) -> list[list[int]]:
     """Indices of sequences grouped (longest first) so that padding each group to its longest wastes at most
     `waste` of its attention work (sum of len^2): few SDPA calls, little padding."""
