@@ -3,8 +3,10 @@
     python data_prep/build_sample_data.py            # rewrites data/sample/*.jsonl
 
 Outputs are committed, so a fresh clone trains offline without running this. Test data is kept out of training:
-SciFact uses train qrels only (its test split is the evaluation benchmark), and PubMedQA PQA-L drops the 500
-questions of its official test set (test_ground_truth.json).
+SciFact uses train qrels only (its test split is the evaluation benchmark), minus the claims whose text is also a
+test claim (SciFact lists two claims in both splits under different ids, each citing the same abstract in both:
+trained on, they would be two test queries answered in training; data_prep/check_overlap.py found them), and
+PubMedQA PQA-L drops the 500 questions of its official test set (test_ground_truth.json).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 from pathlib import Path
 
 from model_exploration.keys import REPO_ROOT
+from model_exploration.overlap import normalize
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -29,14 +32,20 @@ def scifact_train_pairs(scifact_dir: Path) -> list[dict]:
         docs = {d["_id"]: (d["title"] + " " + d["text"]).strip() for d in map(json.loads, f)}
     with (scifact_dir / "queries.jsonl").open(encoding="utf-8") as f:
         claims = {q["_id"]: q["text"] for q in map(json.loads, f)}
-    rows = []
-    with (scifact_dir / "qrels" / "train.tsv").open(encoding="utf-8") as f:
-        next(f)  # header
-        for line in f:
-            query_id, doc_id, score = line.rstrip("\n").split("\t")
-            if int(score) > 0:
-                rows.append({"claim": claims[query_id], "abstract": docs[doc_id]})
+    test_claims = {normalize(claims[q]) for q, _, _ in _qrels(scifact_dir / "qrels" / "test.tsv")}
+    rows, dropped = [], set()
+    for query_id, doc_id, score in _qrels(scifact_dir / "qrels" / "train.tsv"):
+        if normalize(claims[query_id]) in test_claims:
+            dropped.add(claims[query_id])
+        elif int(score) > 0:
+            rows.append({"claim": claims[query_id], "abstract": docs[doc_id]})
+    print(f"scifact: left out {len(dropped)} train claim(s) that are also test claims: {sorted(dropped)}")
     return rows
+
+
+def _qrels(path: Path) -> list[list[str]]:
+    """(query id, document id, score) rows of a BEIR qrels file."""
+    return [line.split("\t") for line in path.read_text(encoding="utf-8").splitlines()[1:] if line.strip()]
 
 
 def scitldr_pairs(path: Path) -> list[dict]:

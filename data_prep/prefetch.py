@@ -58,8 +58,12 @@ def prefetch(args) -> list[str]:
             members = [m for s in spec.replay_of for m in mirror.expand(s)] if spec.replay_of else [spec]
             for member in members:
                 if member.fetch != "jsonl":
-                    label = f"source {member.name}" + (" (replay)" if spec.replay_of else "")
-                    timed(label, lambda m=member: f"{len(mirror.source_files(m, args.nrows).paths)} file(s)")
+                    for split in mirror.split_members(member):
+                        label = f"source {member.name}" + (
+                            f" [{split.split}]" if split.fetch in ("hub", "parquet_export") else ""
+                        )
+                        label += " (replay)" if spec.replay_of else ""
+                        timed(label, lambda m=split: f"{len(mirror.source_files(m, args.nrows).paths)} file(s)")
     for benchmark in args.eval_benchmarks:
         if not benchmark.startswith("beir:"):
             timed(f"benchmark {benchmark}", lambda b=benchmark: f"{len(load_benchmarks(b, mirror))} corpus/corpora")

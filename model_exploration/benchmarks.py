@@ -1,8 +1,8 @@
 """Retrieval benchmarks, loaded into one form: a corpus and one or more judged query sets over it.
 
 - `beir:PATH`: a local BEIR folder (corpus.jsonl[.gz] with `_id`, optional `title`, `text`; queries.jsonl[.gz];
-  qrels/<name>.tsv with `query-id corpus-id score`). Document text is (title + " " + text).strip(), the protocol
-  behind published BEIR/MTEB scores.
+  qrels/<name>.tsv with `query-id corpus-id score`). Documents are embedded as (title + " " + text).strip(), the
+  protocol behind published BEIR/MTEB scores.
 - `nanobeir`: sentence-transformers/NanoBEIR-en, what sentence-transformers' NanoBEIREvaluator loads by default:
   subsets corpus / queries / qrels, one split per dataset (NanoSciFact, ...); corpus text already holds the title.
   Taken and scored as NanoBEIREvaluator does (documents and queries with an empty text are left out; a retrieved
@@ -10,6 +10,9 @@
 - `nasa_smd`: nasa-impact/nasa-smd-IR-benchmark, a BEIR folder in a hub repo (qrels/test.tsv).
 - `nasa_sde`: nasa-impact/nasa-sde-IR-benchmark-20251024-v5, a BEIR folder with two qrels files over one corpus,
   qa_pairs and search_pairs: a row for each and their unweighted mean (the paper's headline `nasa_sde`).
+  Both NASA benchmarks embed a document's `text` alone, as the paper's evaluation did (so its table compares).
+`doc_fields` (--doc_fields) replaces the protocol of the BEIR-layout benchmarks, e.g. ("title", "text") for the NASA
+ones under BEIR's convention; NanoBEIR's corpus has one text field, which already holds the title.
 Hub benchmarks are read from the same mirror as the training sources (model_exploration/fetch.py).
 
 Relevance is graded as the qrels say (TREC-COVID and NFCorpus have grades 1 and 2): a document with grade > 0 is
@@ -40,6 +43,9 @@ NANOBEIR_DATASETS = (
 NASA_SMD_REPO = "nasa-impact/nasa-smd-IR-benchmark"
 NASA_SDE_REPO = "nasa-impact/nasa-sde-IR-benchmark-20251024-v5"
 NASA_SDE_QRELS = ("qa_pairs", "search_pairs")
+DOC_FIELDS = ("title", "text")  # fields a document may be embedded from, in the order they are joined
+BEIR_DOC_FIELDS = ("title", "text")  # BEIR's and MTEB's convention: the published scores of BEIR folders
+PAPER_DOC_FIELDS = ("text",)  # the INDUS-SDE-ST paper's NASA SMD / SDE protocol
 
 
 @dataclasses.dataclass
@@ -66,6 +72,8 @@ class Benchmark:
     # scored under the protocol of its published numbers: NanoBEIR's (sentence-transformers' evaluator) counts a
     # retrieved document whose id is the query's; BEIR's and MTEB's drop it (--keep_identical_ids keeps it)
     keeps_identical_ids: bool = False
+    # the corpus fields each document was embedded from (joined with a space), as reported with the results
+    doc_fields: tuple[str, ...] = ("text",)
 
     def fingerprint(self) -> str:
         return short_hash(d.encode() + b"\0" + t.encode() + b"\1" for d, t in zip(self.corpus_ids, self.corpus_texts))
@@ -126,8 +134,10 @@ def load_beir_folder(
     name: str | None = None,
     qrels_files: Sequence[str] = ("test",),
     mean_name: str | None = None,
+    doc_fields: Sequence[str] = BEIR_DOC_FIELDS,
 ) -> Benchmark:
-    """A BEIR folder; one query set per qrels file (named `<name>/<file>` when there are several)."""
+    """A BEIR folder; one query set per qrels file (named `<name>/<file>` when there are several). A document is its
+    `doc_fields` joined with a space, stripped: (title + " " + text).strip() by default."""
     folder = Path(folder)
     name = name or f"beir:{folder.name}"
     if not folder.is_dir():
@@ -140,9 +150,10 @@ def load_beir_folder(
     if missing:
         raise UserError(f"{name}: qrels file(s) missing: {', '.join(missing)}; a BEIR folder needs qrels/test.tsv")
     docs = sorted(
-        (str(d["_id"]), (str(d.get("title") or "") + " " + str(d.get("text") or "")).strip())
+        (str(d["_id"]), " ".join(str(d.get(field) or "") for field in doc_fields).strip())
         for d in read_jsonl(corpus_path, name)
     )  # sorted by id: position order == id order, which is the tie-break order
+    logger.info("%s: %d documents embedded as %s", name, len(docs), " + ".join(doc_fields))
     corpus_ids = [d[0] for d in docs]
     id_set = set(corpus_ids)
     queries = {str(q["_id"]): str(q["text"]) for q in read_jsonl(queries_path, name)}
@@ -150,7 +161,9 @@ def load_beir_folder(
         build_query_set(name if len(qrels_paths) == 1 else f"{name}/{p.stem}", queries, read_qrels(p), id_set)
         for p in qrels_paths
     ]
-    return Benchmark(name, corpus_ids, [d[1] for d in docs], query_sets, mean_name=mean_name)
+    return Benchmark(
+        name, corpus_ids, [d[1] for d in docs], query_sets, mean_name=mean_name, doc_fields=tuple(doc_fields)
+    )
 
 
 def _hub_rows(mirror: Mirror, repo: str, config: str, split: str, what: str) -> list[dict]:
@@ -186,20 +199,22 @@ def canonical_spec(spec: str) -> str:
     return f"beir:{path.resolve()}"
 
 
-def load_benchmarks(spec: str, mirror: Mirror) -> list[Benchmark]:
-    """Benchmarks for one --benchmarks entry: nanobeir, nasa_smd, nasa_sde or beir:PATH."""
+def load_benchmarks(spec: str, mirror: Mirror, doc_fields: Sequence[str] | None = None) -> list[Benchmark]:
+    """Benchmarks for one --benchmarks entry: nanobeir, nasa_smd, nasa_sde or beir:PATH. `doc_fields`: what a
+    document is embedded from (default: each benchmark's published protocol, module docstring)."""
     if spec == "nanobeir":
         return [load_nanobeir_dataset(d, mirror) for d in NANOBEIR_DATASETS]
     if spec == "nasa_smd":
         folder = mirror.hub_files(NASA_SMD_REPO, ["corpus.jsonl", "queries.jsonl", "qrels/test.tsv"], spec)
-        return [load_beir_folder(folder, name="nasa_smd")]
+        return [load_beir_folder(folder, name="nasa_smd", doc_fields=doc_fields or PAPER_DOC_FIELDS)]
     if spec == "nasa_sde":
         files = ["corpus.jsonl", "queries.jsonl"] + [f"qrels/{q}.tsv" for q in NASA_SDE_QRELS]
         folder = mirror.hub_files(NASA_SDE_REPO, files, spec)
-        return [load_beir_folder(folder, name="nasa_sde", qrels_files=NASA_SDE_QRELS, mean_name="nasa_sde")]
+        return [load_beir_folder(folder, name="nasa_sde", qrels_files=NASA_SDE_QRELS, mean_name="nasa_sde",
+                                 doc_fields=doc_fields or PAPER_DOC_FIELDS)]  # fmt: skip
     if spec.startswith("beir:"):
         path = Path(canonical_spec(spec)[len("beir:") :])
-        return [load_beir_folder(path, name=f"beir:{path.name}")]
+        return [load_beir_folder(path, name=f"beir:{path.name}", doc_fields=doc_fields or BEIR_DOC_FIELDS)]
     raise UserError(f"--benchmarks: unknown benchmark {spec!r}; use nanobeir, nasa_smd, nasa_sde or beir:PATH")
 
 

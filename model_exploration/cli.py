@@ -33,6 +33,26 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def doc_fields(text: str) -> tuple[str, ...]:
+    """--doc_fields: corpus fields a benchmark document is embedded from, comma-separated, in order."""
+    from model_exploration.benchmarks import DOC_FIELDS
+
+    fields = tuple(f.strip() for f in text.split(","))
+    if not all(f in DOC_FIELDS for f in fields) or len(set(fields)) != len(fields):
+        raise argparse.ArgumentTypeError(
+            f"expected fields of {','.join(DOC_FIELDS)} (e.g. text or title,text), got {text}"
+        )
+    return fields
+
+
+def hub_repo_id(text: str) -> str:
+    """--hub_model_id: a hub repo id, ORG/NAME."""
+    org, _, name = text.partition("/")
+    if not org or not name or "/" in name or any(c.isspace() for c in text):
+        raise argparse.ArgumentTypeError(f"expected ORG/NAME (a user or organization and a model name), got {text}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="st_trainer_ddp_hf.py",
@@ -57,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--nrows",
         type=_positive_int,
         default=None,
-        help="smoke test: read only the first N rows of each source (fetching, only the first N rows of its first "
-        "file: parquet and JSON lines by range requests, other formats and PubMed's first file whole)",
+        help="smoke test: read only the first N rows of each source (of each of its hub splits; fetching, only the "
+        "first N rows of its first file: parquet and JSON lines by range requests, other formats and PubMed's first "
+        "file whole)",
     )
     g.add_argument("--n_data_src", type=_positive_int, default=None, help="smoke test: use only the first N sources")
     g.add_argument(
@@ -292,6 +313,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--mixture; pass nothing for none)",
     )
     g.add_argument(
+        "--doc_fields",
+        type=doc_fields,
+        default=None,
+        metavar="FIELDS",
+        help="benchmarks: the corpus fields a document is embedded from, e.g. title,text (BEIR's convention) or text "
+        "(default: each benchmark's published protocol: text for NASA SMD / SDE as the paper, title,text for beir: "
+        "folders; NanoBEIR's one field already holds the title)",
+    )
+    g.add_argument(
         "--keep_identical_ids",
         dest="ignore_identical_ids",
         action="store_false",
@@ -339,6 +369,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes that collate (and tokenize) batches ahead of the model (default: 2 with a GPU, 0 on "
         "CPU, where the model is far slower than collation)",
     )
+
+    g = p.add_argument_group("release (README: From run to release)")
+    g.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="upload final/ (the model and its card with this run's results) to --hub_model_id at the end (rank 0; "
+        "token HUGGINGFACE_TOKEN from .env or HF_TOKEN); the repo is created at start, so a node without internet fails "
+        "before training (then publish later with data_prep/publish.py)",
+    )
+    g.add_argument(
+        "--hub_model_id",
+        type=hub_repo_id,
+        default=None,
+        metavar="ORG/NAME",
+        help="the model's hub repo: named in the card's usage example, and where --push_to_hub uploads",
+    )
+    g.add_argument(
+        "--hub_private_repo", action="store_true", help="--push_to_hub: create the repo private (if it does not exist)"
+    )
     return p
 
 
@@ -376,6 +425,10 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         parser.error("--mini_batch_tokens needs --mini_batch_size (GradCache's cap on texts per chunk)")
     if args.mini_batch_size and args.bat:
         parser.error("--mini_batch_size (GradCache) does not combine with --bat; drop one")
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id ORG/NAME")
+    if args.hub_private_repo and not args.push_to_hub:
+        parser.error("--hub_private_repo applies to --push_to_hub (data_prep/publish.py takes it too)")
     if args.resume_run_id and not args.resume_checkpoint_path:
         parser.error("--resume_run_id needs --resume_checkpoint_path (the run to continue)")
     stage2_only = (

@@ -23,7 +23,7 @@ import torch
 
 from model_exploration import evaluation, reporting, unpadded
 from model_exploration.benchmarks import canonical_spec, load_benchmarks
-from model_exploration.cli import HUB_DIR_ENV
+from model_exploration.cli import HUB_DIR_ENV, doc_fields
 from model_exploration.encoding import encode_fast
 from model_exploration.errors import UserError, exit_status
 from model_exploration.fetch import Mirror
@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get(HUB_DIR_ENV),
         help=f"read hub benchmarks and models only from this mirror (data_prep/prefetch.py; env {HUB_DIR_ENV}); "
         "without it benchmarks are fetched into <output_dir>/hub and models into the Hugging Face cache",
+    )
+    p.add_argument(
+        "--doc_fields",
+        type=doc_fields,
+        default=None,
+        metavar="FIELDS",
+        help="the corpus fields a document is embedded from, e.g. title,text or text (default: each benchmark's "
+        "published protocol: text for NASA SMD / SDE as the paper, title,text for beir: folders)",
     )
     p.add_argument(
         "--keep_identical_ids",
@@ -146,7 +154,9 @@ def run(argv: list[str] | None = None) -> dict:
         rescore = args.rescore_multiplier if precisions[model_name] == "ubinary" else 0
         identical = "ignore" if args.ignore_identical_ids else "keep"
         dims = ",".join(map(str, sorted(args.dims)))
-        return f"{precisions[model_name]}|rescore={rescore}|max_len={args.max_seq_length}|identical_ids={identical}|dims={dims}"
+        docs = ",".join(args.doc_fields or ("default",))
+        return (f"{precisions[model_name]}|rescore={rescore}|max_len={args.max_seq_length}|identical_ids={identical}"
+                f"|dims={dims}|docs={docs}")  # fmt: skip
 
     args.benchmarks = list(dict.fromkeys(canonical_spec(b) for b in args.benchmarks))
     loaded: dict[str, list] = {}
@@ -158,7 +168,7 @@ def run(argv: list[str] | None = None) -> dict:
         model = load_model(mirror.model(model_name), args.unpad)
         for spec in todo:
             if spec not in loaded:
-                loaded[spec] = load_benchmarks(spec, mirror)
+                loaded[spec] = load_benchmarks(spec, mirror, args.doc_fields)
             rows: dict[str, dict] = {}
             for benchmark in loaded[spec]:
                 corpus_emb = cached_corpus_embeddings(model, model_name, benchmark, args, out / "embeddings")

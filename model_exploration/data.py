@@ -1,8 +1,9 @@
 """Mapping, cleaning, splitting and caching the sources of a mixture (their files come from fetch.Mirror).
 
 Each source becomes a Dataset with columns anchor, positive[, negative] (texts, stripped, empty rows dropped and
-counted) plus a held-out validation split drawn with a fixed seed. Official hub test splits are never loaded:
-every source reads `split` (train by default) only.
+counted) plus a held-out validation split drawn with a fixed seed. A source reads the hub splits its registry entry
+lists (`splits`, train by default), concatenated in that order; the rows each split gave are recorded with the
+cache.
 
 Cache semantics: global rank 0 builds each source once into `<cache_dir>/<name>-<key>` (the key hashes the
 source spec, --nrows, --seed and the validation size), writing to a temporary folder that is renamed into place
@@ -48,6 +49,7 @@ class SourceData:
     validation: Dataset
     dropped_empty: int
     cache_path: Path
+    rows_per_split: dict[str, int] = dataclasses.field(default_factory=dict)  # raw rows read from each hub split
 
 
 # ---------------------------------------------------------------- reading raw rows
@@ -60,18 +62,40 @@ def read_jsonl(path: Path, context: str, nrows: int | None = None) -> list[dict[
 
 def load_raw(spec: SourceSpec, mirror: Mirror, nrows: int | None, work_dir: Path, num_proc: int = 1):
     """A source's rows with their real columns: a Dataset, or parsed rows for local JSON lines (which may mix
-    types Arrow cannot hold)."""
-    files = mirror.source_files(spec, nrows)
+    types Arrow cannot hold). Several hub splits are concatenated in the registry's order."""
+    return load_raw_splits(spec, mirror, nrows, work_dir, num_proc)[0]
+
+
+def load_raw_splits(spec: SourceSpec, mirror: Mirror, nrows: int | None, work_dir: Path, num_proc: int = 1):
+    """(rows, {split: rows it gave}) of a source; with `nrows`, the first `nrows` of each split (a smoke test reads
+    every split the full run will)."""
     if spec.fetch == "jsonl":
-        path = files.paths[0]
+        path = mirror.source_files(spec, nrows).paths[0]
         if not path.exists():
             raise UserError(f"source {spec.name!r}: file not found: {path}")
         rows = read_jsonl(path, f"source {spec.name!r}", nrows)
-    else:
-        rows = read_files(files, nrows, work_dir, num_proc)
-    if len(rows) == 0:
-        raise UserError(f"source {spec.name!r}: no rows in {files.paths[0]}")
-    return rows
+        if not rows:
+            raise UserError(f"source {spec.name!r}: no rows in {path}")
+        return rows, {}
+    parts, counts = [], {}
+    for member in mirror.split_members(spec):
+        files = mirror.source_files(member, nrows)
+        rows = read_files(files, nrows, work_dir / f"split-{len(parts)}", num_proc)
+        if len(rows) == 0:
+            raise UserError(f"source {spec.name!r}: no rows in {files.paths[0]} (split {member.split!r})")
+        _check_columns(spec, rows[0], f" in split {member.split!r}")  # a split with other columns fails by name
+        parts.append(rows)
+        counts[member.split] = len(rows)
+    counts = counts if spec.fetch in ("hub", "parquet_export") else {}  # NCBI, Kaggle: files, not hub splits
+    if len(parts) == 1:
+        return parts[0], counts
+    try:
+        return concatenate_datasets(parts), counts
+    except ValueError as exc:
+        raise UserError(
+            f"source {spec.name!r}: splits {list(counts)} cannot be concatenated ({str(exc).splitlines()[0][:200]}); "
+            "list only splits of one schema in `splits`"
+        ) from None
 
 
 # ---------------------------------------------------------------- columns and cleaning
@@ -110,14 +134,14 @@ def _clean(text: str, cleaner: str | None) -> str:
     return text.strip()
 
 
-def _check_columns(spec: SourceSpec, first: dict[str, Any]) -> None:
+def _check_columns(spec: SourceSpec, first: dict[str, Any], where: str = "") -> None:
     wanted = [spec.pair_from_list] if spec.pair_from_list else list(spec.column_paths.values())
     for path in wanted:
         try:
             resolve_path(first, path)
         except KeyError:
             raise UserError(
-                f"source {spec.name!r}: column {path!r} not found (columns: {list(first)}); "
+                f"source {spec.name!r}: column {path!r} not found (columns: {list(first)}){where}; "
                 "fix its anchor/positive/negative in the mixture registry"
             ) from None
 
@@ -131,8 +155,11 @@ def _extract_rows(rows: list[dict[str, Any]], indices: list[int], spec: SourceSp
     for row, index in zip(rows, indices):
         if spec.pair_from_list:
             members = [m for m in (row.get(spec.pair_from_list) or []) if _as_text(m).strip()]
-            # Seeded per row, so the pair drawn does not depend on batching or worker count.
-            pair = random.Random(f"{seed}:{index}").sample(members, 2) if len(members) >= 2 else ["", ""]
+            # Seeded per row, so the pair drawn does not depend on batching or worker count. A single member is
+            # paired with itself, as the original did (README, "Data mixtures": why that is kept).
+            pair = (
+                random.Random(f"{seed}:{index}").sample(members, 2) if len(members) >= 2 else (members * 2 or ["", ""])
+            )
             texts = dict(zip(("anchor", "positive"), pair))
         else:
             paths = spec.column_paths
@@ -149,6 +176,15 @@ def _extract_rows(rows: list[dict[str, Any]], indices: list[int], spec: SourceSp
 
 def _has_texts(batch: dict[str, list[str]], columns: list[str]) -> list[bool]:
     return [all(texts) for texts in zip(*(batch[c] for c in columns))]
+
+
+def _self_pairs(pairs: Dataset) -> int:
+    """Rows whose anchor is their positive (and not empty), counted by Arrow without reading rows into Python."""
+    import pyarrow.compute as pc
+
+    table = pairs.data.table
+    same = pc.and_(pc.equal(table["anchor"], table["positive"]), pc.not_equal(table["anchor"], ""))
+    return int(pc.sum(same).as_py() or 0)
 
 
 def to_pairs(
@@ -169,6 +205,9 @@ def to_pairs(
             num_proc=procs,
             desc=f"columns {spec.name}",
         )
+    if spec.pair_from_list:
+        logger.info("source %s: %d of %d rows are one-member sets, paired with themselves", spec.name,
+                    _self_pairs(pairs), len(pairs))  # fmt: skip
     kept = pairs.filter(
         _has_texts, batched=True, fn_kwargs={"columns": spec.columns}, num_proc=procs, desc=f"drop empty {spec.name}"
     )
@@ -211,10 +250,12 @@ def _replay_pairs(spec: SourceSpec, mirror: Mirror, nrows, seed, work_dir: Path,
     return concatenate_datasets([load_from_disk(str(p)) for p in parts]), dropped
 
 
-def _load_pairs(spec: SourceSpec, mirror: Mirror, nrows, seed, work_dir: Path, num_proc: int) -> tuple[Dataset, int]:
+def _load_pairs(spec: SourceSpec, mirror: Mirror, nrows, seed, work_dir: Path, num_proc: int):
+    """(pairs, rows dropped for an empty text, raw rows per hub split)."""
     if spec.replay_of:
-        return _replay_pairs(spec, mirror, nrows, seed, work_dir, num_proc)
-    return to_pairs(spec, load_raw(spec, mirror, nrows, work_dir, num_proc), seed, num_proc)
+        return *_replay_pairs(spec, mirror, nrows, seed, work_dir, num_proc), {}
+    raw, per_split = load_raw_splits(spec, mirror, nrows, work_dir, num_proc)
+    return *to_pairs(spec, raw, seed, num_proc), per_split
 
 
 # ---------------------------------------------------------------- caching
@@ -297,7 +338,7 @@ def load_source(
     def build(tmp: Path) -> dict:
         logger.info("building cache for source %s -> %s", spec.name, path)
         started = time.perf_counter()
-        pairs, dropped = _load_pairs(spec, mirror, nrows, seed, tmp / "work", num_proc)
+        pairs, dropped, per_split = _load_pairs(spec, mirror, nrows, seed, tmp / "work", num_proc)
         train, validation = _split_validation(pairs, max_eval, seed)
         # datasets cannot read back an empty split, so an empty validation set is not written
         splits = {"train": train} | ({"validation": validation} if len(validation) else {})
@@ -307,12 +348,13 @@ def load_source(
         rows = len(pairs) + dropped
         logger.info("source %s: %d rows read, %d kept in %.1f s (%.0f rows/s)", spec.name, rows, len(pairs), seconds,
                     rows / max(seconds, 1e-9))  # fmt: skip
-        return {"source": spec.name, "train": len(train), "validation": len(validation), "dropped_empty": dropped}
+        return {"source": spec.name, "train": len(train), "validation": len(validation), "dropped_empty": dropped,
+                "rows_per_split": per_split}  # fmt: skip
 
     meta = cached_build(path, build)
     splits = load_from_disk(str(path / "data"))
     validation = splits["validation"] if "validation" in splits else splits["train"].select([])
-    return SourceData(spec, splits["train"], validation, meta["dropped_empty"], path)
+    return SourceData(spec, splits["train"], validation, meta["dropped_empty"], path, meta.get("rows_per_split", {}))
 
 
 def check_offline_inputs(
@@ -330,7 +372,8 @@ def check_offline_inputs(
             checked += 1
             if not (cache_path_for(cache_dir, source, nrows, seed, max_eval) / COMPLETE_MARKER).exists():
                 for member in [m for s in source.replay_of for m in mirror.expand(s)] or [source]:
-                    mirror.source_files(member, nrows)
+                    for split in mirror.split_members(member):
+                        mirror.source_files(split, nrows)
 
 
 def load_and_cache_datasets(

@@ -11,6 +11,7 @@ Mirror layout (what each way writes; a manifest, written last, lists a set of fi
     datasets/<org>/<name>/parquet-export/<config>/<split>/NNNN.parquet
                                                                 the hub's parquet export (refs/convert/parquet)
     datasets/<org>/<name>/<main|parquet-export>/_manifests/<config>/<split>.json
+    datasets/<org>/<name>/<main|parquet-export>/_manifests/<config>/_splits.json   `splits: all`: the split list
     ncbi/pubmed/baseline/pubmedYYnNNNN.xml.gz                   NCBI's PubMed baseline
     kaggle/Cornell-University/arxiv/arxiv-metadata-oai-snapshot.json
     models/<org>/<name>/                                        models (snapshot)
@@ -23,6 +24,8 @@ The ways (registry field `fetch`):
 - `pubmed_baseline`: NCBI's baseline (model_exploration/pubmed.py), md5-checked.
 - `kaggle`: the arXiv snapshot through the Kaggle API (credentials from .env).
 - `jsonl`: a local JSON-lines file (bundled sample, a user's own data); nothing to fetch.
+A hub source reads one file set per split of its `splits` (one manifest each), concatenated in that order by
+data.py; `splits: all` takes every split the repo serves, listed when first fetched and recorded in the mirror.
 With `--nrows N`, a hub source is fetched as the first N rows of its first file (read through HTTP range requests),
 PubMed as its first file, and the manifest records `head_rows`, so a full run never mistakes a head for a source.
 """
@@ -49,12 +52,13 @@ from model_exploration import pubmed
 from model_exploration.errors import UserError
 from model_exploration.keys import short_hash
 from model_exploration.reporting import write_atomic
-from model_exploration.sources import SourceSpec
+from model_exploration.sources import ALL_SPLITS, SourceSpec
 
 logger = logging.getLogger(__name__)
 
 EXPORT_REVISION = "refs/convert/parquet"
 MANIFESTS = "_manifests"
+SPLITS_FILE = "_splits"  # manifest name of a `splits: all` source's split list
 CONFIGS_FILE = "_configs.json"
 KAGGLE_DATASET = "Cornell-University/arxiv"
 KAGGLE_FILE = "arxiv-metadata-oai-snapshot.json"
@@ -78,6 +82,12 @@ class FileSet:
     def serves(self, nrows: int | None) -> bool:
         """Whether these files hold what a run reading `nrows` rows (None: all) needs."""
         return self.head_rows is None or (nrows is not None and nrows <= self.head_rows)
+
+    def parquet_rows(self) -> int:
+        """Rows of parquet files, from their footers (nothing else is read)."""
+        import pyarrow.parquet as pq
+
+        return sum(pq.read_metadata(p).num_rows for p in self.paths)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +126,11 @@ def source_location(spec: SourceSpec) -> tuple[Path, str]:
     return hub_checkout(spec.hub, spec.fetch == "parquet_export"), key
 
 
+def split_listing_location(spec: SourceSpec) -> tuple[Path, str]:
+    """(mirror checkout, manifest key) of the split list of a `splits: all` source."""
+    return source_location(dataclasses.replace(spec, splits=(SPLITS_FILE,)))
+
+
 def files_key(paths: list[str]) -> str:
     """Manifest name of a fixed set of repo files (a BEIR folder in a hub repo)."""
     return "files-" + short_hash("|".join(paths), 8)
@@ -132,27 +147,60 @@ class Mirror:
 
     # ------------------------------------------------------------ sources
 
-    def describe(self, spec: SourceSpec, nrows: int | None = None) -> str:
-        """One line for a dry run: where the source sits in the mirror and whether it is there."""
+    def describe(self, spec: SourceSpec, nrows: int | None = None) -> list[str]:
+        """Lines for a dry run, read from the mirror only: where the source sits and whether it is there, one line
+        per split, with the split's rows where its files say without reading the data (parquet footers)."""
         if spec.reads_local_file:
-            return f"local file {spec.local_path()}" + ("" if spec.local_path().exists() else " (MISSING)")
+            return [f"local file {spec.local_path()}" + ("" if spec.local_path().exists() else " (MISSING)")]
         if spec.expand_configs:
             listing = self.root / hub_checkout(spec.hub, export=True) / CONFIGS_FILE
             if not listing.exists():
-                return f"{listing.parent}: config list not fetched"
-            members = self.expand(spec)
-            fetched = sum(self._read_manifest(*source_location(m)) is not None for m in members)
-            return f"{listing.parent}: {len(members)} configs, {fetched} fetched"
-        checkout, key = source_location(spec)
-        found = self._read_manifest(checkout, key)
-        if found is None:
-            state = "not fetched"
-        elif not found.serves(nrows):
-            state = f"only the first {found.head_rows} rows fetched"
-        else:
-            head = f", first {found.head_rows} rows" if found.head_rows else ""
-            state = f"{len(found.paths)} file(s){head}"
-        return f"{self.root / checkout} [{key}]: {state}"
+                return [f"{listing.parent}: config list not fetched"]
+            configs = [self.split_members(c, listed_only=True) for c in self.expand(spec)]
+            fetched = sum(bool(c) and all(self._read_manifest(*source_location(m)) for m in c) for c in configs)
+            return [f"{listing.parent}: {len(configs)} configs, {fetched} fetched"]
+        members = self.split_members(spec, listed_only=True)
+        if not members:
+            checkout, key = split_listing_location(spec)
+            return [f"{self.root / checkout} [{key}]: split list not fetched (splits: all)"]
+        lines = []
+        for member in members:
+            checkout, key = source_location(member)
+            found = self._read_manifest(checkout, key)
+            if found is None:
+                state = "not fetched"
+            elif not found.serves(nrows):
+                state = f"only the first {found.head_rows} rows fetched"
+            else:
+                head = f", first {found.head_rows} rows" if found.head_rows else ""
+                rows = f", {found.parquet_rows():,} rows" if found.format == "parquet" else ""
+                state = f"{len(found.paths)} file(s){head}{rows}"
+            lines.append(f"{self.root / checkout} [{key}]: {state}")
+        return lines
+
+    def split_members(self, spec: SourceSpec, listed_only: bool = False) -> list[SourceSpec]:
+        """One single-split spec per split a source reads, in its order. `splits: all`: the repo's splits, from the
+        list recorded in the mirror (listed on the hub first when this mirror may fetch; with `listed_only`, none
+        when it is not recorded). Sources that are not hub repos (local files, NCBI, Kaggle) are one split."""
+        if spec.fetch not in ("hub", "parquet_export") or spec.replay_of:
+            return [spec]
+        splits = spec.splits
+        if splits == (ALL_SPLITS,):
+            checkout, key = split_listing_location(spec)
+            path = _manifest_path(self.root, checkout, key)
+            if path.exists():
+                splits = json.loads(path.read_text())
+            elif listed_only:
+                return []
+            elif self.offline:
+                raise UserError(
+                    f"source {spec.name!r} (splits: all): the split list of {spec.hub} is not in the mirror "
+                    f"{self.root} ({path}); fetch it on a machine with internet: {self.prefetch_hint} --out {self.root}"
+                )
+            else:
+                splits = _hub_call(spec, lambda: _hub_splits(spec))
+                self.record_splits(spec, splits)
+        return [dataclasses.replace(spec, splits=(split,)) for split in splits]
 
     def source_files(self, spec: SourceSpec, nrows: int | None = None) -> FileSet:
         """The files of a source split, fetched first when this mirror may fetch and they are missing."""
@@ -207,6 +255,10 @@ class Mirror:
         meta = {"format": fmt, "files": files, "revision": revision, "head_rows": head_rows, "repo": repo,
                 "fetched": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
         write_atomic(_manifest_path(self.root, checkout, key), json.dumps(meta, indent=1))
+
+    def record_splits(self, spec: SourceSpec, splits: list[str]) -> None:
+        """The split list of a `splits: all` source, as the hub served it."""
+        write_atomic(_manifest_path(self.root, *split_listing_location(spec)), json.dumps(splits, indent=1))
 
     def record_configs(self, repo: str, configs: list[str]) -> None:
         write_atomic(self.root / hub_checkout(repo, export=True) / CONFIGS_FILE, json.dumps(configs, indent=1))
@@ -279,7 +331,7 @@ class Mirror:
 
     def hub_split(self, repo: str, config: str, split: str, what: str) -> FileSet:
         """The files of one (config, split) of a `datasets` hub repo (NanoBEIR's corpus / queries / qrels)."""
-        return self.source_files(SourceSpec(name=what, fetch="hub", hub=repo, config=config, split=split))
+        return self.source_files(SourceSpec(name=what, fetch="hub", hub=repo, config=config, splits=(split,)))
 
     def model(self, name: str) -> str:
         """A hub model id as a folder of this mirror (offline), else the name itself (a local folder, or an id
@@ -353,6 +405,25 @@ def _resolve_hub(spec: SourceSpec) -> tuple[str, str, list[str]]:
     if builder.name not in FORMATS:
         raise UserError(f"source {spec.name!r}: {spec.hub} is served as {builder.name!r}; supported: {FORMATS[:3]}")
     return builder.name, matches[0]["rev"], [urllib.parse.unquote(m["path"]) for m in matches]
+
+
+def _hub_splits(spec: SourceSpec) -> list[str]:
+    """The splits a hub source's repo serves (for `splits: all`): `datasets`' resolution of its data files, or the
+    split folders of the config in the parquet export; train, validation, test first, then the others by name."""
+    if spec.fetch == "hub":
+        from datasets import load_dataset_builder
+
+        builder = load_dataset_builder(spec.hub, name=spec.config, data_dir=spec.data_dir, data_files=spec.data_files)
+        names = list(builder.config.data_files or {})
+    else:
+        from huggingface_hub import HfApi
+
+        entries = HfApi().list_repo_tree(spec.hub, spec.config, revision=EXPORT_REVISION, repo_type="dataset")
+        names = [e.path.rsplit("/", 1)[-1].removeprefix("partial-") for e in entries if not hasattr(e, "size")]
+    if not names:
+        raise UserError(f"source {spec.name!r}: {spec.hub} lists no split")
+    order = {"train": 0, "validation": 1, "test": 2}
+    return sorted(set(names), key=lambda s: (order.get(s, 3), s))
 
 
 def _resolve_export(spec: SourceSpec) -> tuple[str, list[str]]:

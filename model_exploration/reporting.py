@@ -41,25 +41,38 @@ def read_json(path: Path, default: Any, what: str) -> Any:
         return default
 
 
+_HEADER = "MRR@1 | MRR@5 | NDCG@1 | NDCG@5 | NDCG@10 | MRR@10 | bytes/vector | NDCG@10 retention |"
+
+
+def _benchmarks(results: dict[str, dict[str, dict]]) -> list[str]:
+    return list(dict.fromkeys(b for per_model in results.values() for b in per_model))
+
+
+def _cells(values: dict) -> str:
+    retention = f"{values['retention_ndcg@10']:.3f}" if "retention_ndcg@10" in values else ""
+    return " | ".join(f"{values[c]:.4f}" for c in TABLE_COLUMNS) + f" | {values['bytes_per_vector']} | {retention} |"
+
+
 def markdown_table(results: dict[str, dict[str, dict]]) -> str:
     """results[model][row] -> one table per benchmark row, in the original's format (MRR@1/5, NDCG@1/5) plus
     NDCG@10, MRR@10, bytes per vector and, for binary rows, NDCG@10 retention (binary / float)."""
-    benchmarks: list[str] = []
-    for per_model in results.values():
-        benchmarks += [b for b in per_model if b not in benchmarks]
     lines = []
-    for bench in benchmarks:
-        lines += [f"### {bench}", "", "| Model | MRR@1 | MRR@5 | NDCG@1 | NDCG@5 | NDCG@10 | MRR@10 | bytes/vector | NDCG@10 retention |",
-                  "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for bench in _benchmarks(results):
+        lines += [f"### {bench}", "", f"| Model | {_HEADER}", "|---" * 9 + "|"]
         for model, per_model in results.items():
-            row = per_model.get(bench)
-            if row is None:
-                continue
-            for label, values, _ in variants_of(model, row):
-                retention = f"{values['retention_ndcg@10']:.3f}" if "retention_ndcg@10" in values else ""
-                cells = " | ".join(f"{values[c]:.4f}" for c in TABLE_COLUMNS)
-                lines.append(f"| {label} | {cells} | {values['bytes_per_vector']} | {retention} |")
+            if bench in per_model:
+                lines += [f"| {label} | {_cells(values)}" for label, values, _ in variants_of(model, per_model[bench])]
         lines.append("")
+    return "\n".join(lines)
+
+
+def single_table(results: dict[str, dict[str, dict]]) -> str:
+    """The rows of markdown_table in one table, the benchmark row first (a model card has room for one)."""
+    lines = [f"| Benchmark | Model | {_HEADER}", "|---" * 10 + "|"]
+    for bench in _benchmarks(results):
+        for model, per_model in results.items():
+            if bench in per_model:
+                lines += [f"| {bench} | {label} | {_cells(v)}" for label, v, _ in variants_of(model, per_model[bench])]
     return "\n".join(lines)
 
 
@@ -127,8 +140,7 @@ def write_charts(results: dict[str, dict[str, dict]], output_dir: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    benchmarks = list(dict.fromkeys(b for per_model in results.values() for b in per_model))
-    for bench in benchmarks:
+    for bench in _benchmarks(results):
         rows = {model: per_model[bench] for model, per_model in results.items() if bench in per_model}
         labels, values = [], []
         for model, row in rows.items():

@@ -22,6 +22,10 @@ from model_exploration.keys import REPO_ROOT, short_hash
 MIXTURES_DIR = Path(__file__).resolve().parent / "mixtures"
 FETCH_WAYS = ("hub", "parquet_export", "pubmed_baseline", "kaggle", "jsonl")
 CLEANERS = ("strip_xml", "normalize_whitespace")
+# where the sources that name no hub repo or file come from
+FIXED_HOMES = {"pubmed_baseline": "NCBI PubMed baseline", "kaggle": "Kaggle Cornell-University/arxiv"}
+# `splits: all`: every split the repo serves (as `datasets`' split="all"), listed when first fetched (fetch.Mirror)
+ALL_SPLITS = "all"
 
 
 # fields that do not change a source's rows (so not its cache key)
@@ -36,7 +40,8 @@ class SourceSpec:
     config: str | None = None
     data_dir: str | None = None
     data_files: str | None = None
-    split: str = "train"
+    # hub splits read and concatenated in this order (hub and parquet_export sources); ("all",): every split
+    splits: tuple[str, ...] = ("train",)
     anchor: str | None = None
     positive: str | None = None
     negative: str | tuple[str, ...] | None = None  # one column path, or several (columns negative_1..k)
@@ -77,6 +82,13 @@ class SourceSpec:
         return dict(zip(self.columns, (self.anchor, self.positive, *self.negatives)))
 
     @property
+    def split(self) -> str:
+        """The split of a one-split spec (fetch.Mirror.split_members makes one per split of a source)."""
+        if len(self.splits) != 1 or self.splits[0] == ALL_SPLITS:
+            raise ValueError(f"source {self.name!r} reads splits {self.splits}: take Mirror.split_members(spec)")
+        return self.splits[0]
+
+    @property
     def reads_local_file(self) -> bool:
         """Whether the source is a file on local disk (JSON lines, or an arXiv snapshot passed by path), not fetched."""
         return bool(self.data_files) and self.fetch in ("jsonl", "kaggle")
@@ -94,6 +106,11 @@ class SourceSpec:
     def _identity(self) -> dict[str, Any]:
         spec = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in _NOT_IDENTITY}
         spec["replay_of"] = [member._identity() for member in self.replay_of]
+        # one split keeps the key it had before `splits` existed (`split: name`), so built caches stay valid
+        splits = spec.pop("splits")
+        spec["split"] = splits[0] if len(splits) == 1 else list(splits)
+        if self.pair_from_list:  # single-member lists became (member, member) pairs: their caches are rebuilt
+            spec["single_member"] = "anchor=positive"
         if self.reads_local_file and self.local_path().exists():
             spec["file"] = _file_signature(self.local_path())
         return spec
@@ -102,12 +119,13 @@ class SourceSpec:
         if self.replay_of:
             rows = f"{self.rows_per_source} random rows" if self.rows_per_source else "every row"
             return f"replay: {rows} of each of {len(self.replay_of)} Stage-1 sources (anchor, positive)"
-        fixed = {"pubmed_baseline": "NCBI PubMed baseline", "kaggle": "Kaggle Cornell-University/arxiv"}
-        where = f"{self.fetch}: " + (self.hub or self.data_files or fixed.get(self.fetch, "?"))
+        where = f"{self.fetch}: " + (self.hub or self.data_files or FIXED_HOMES.get(self.fetch, "?"))
         if self.config:
             where += f" [{self.config}]"
         if self.data_files and self.hub:
             where += f" files={self.data_files}"
+        if self.splits != ("train",):
+            where += f" splits={'+'.join(self.splits)}"
         cols = (
             f"two of {self.pair_from_list}[]"
             if self.pair_from_list
@@ -144,11 +162,25 @@ def registry_entry(spec: SourceSpec) -> dict[str, Any]:
 
 
 def _parse_source(raw: dict[str, Any], registry: str) -> SourceSpec:
-    known = {f.name for f in dataclasses.fields(SourceSpec)} - {"replay_of", "rows_per_source"}
+    known = ({f.name for f in dataclasses.fields(SourceSpec)} - {"replay_of", "rows_per_source"}) | {"split"}
     unknown = set(raw) - known
     name = raw.get("name", "?")
     if unknown:
         raise UserError(f"{registry}: source {name!r} has unknown field(s) {sorted(unknown)}; known: {sorted(known)}")
+    if "split" in raw:  # the one-split spelling of earlier mixture files
+        if "splits" in raw:
+            raise UserError(f"{registry}: source {name!r} has both `split` and `splits`; keep `splits`")
+        raw = {("splits" if k == "split" else k): v for k, v in raw.items()}
+    if "splits" in raw:
+        splits = raw["splits"]
+        splits = [splits] if isinstance(splits, str) else splits
+        if not isinstance(splits, list) or not splits or not all(isinstance(s, str) and s for s in splits):
+            raise UserError(f"{registry}: source {name!r}: `splits` is a list of split names (or `all`)")
+        if ALL_SPLITS in splits and len(splits) > 1:
+            raise UserError(f"{registry}: source {name!r}: `splits: all` already takes every split; list none besides")
+        if len(set(splits)) != len(splits):
+            raise UserError(f"{registry}: source {name!r} lists a split twice in {splits}")
+        raw = raw | {"splits": tuple(splits)}
     spec = SourceSpec(
         **{k: (str(v) if k == "config" else tuple(v) if isinstance(v, list) else v) for k, v in raw.items()}
     )
@@ -156,6 +188,8 @@ def _parse_source(raw: dict[str, Any], registry: str) -> SourceSpec:
         raise UserError(f"{registry}: source {name!r} has fetch {spec.fetch!r}; use one of {FETCH_WAYS}")
     if spec.fetch in ("hub", "parquet_export") and not spec.hub:
         raise UserError(f"{registry}: source {name!r} (fetch {spec.fetch}) needs `hub` (a dataset id)")
+    if spec.splits != ("train",) and spec.fetch not in ("hub", "parquet_export"):
+        raise UserError(f"{registry}: source {name!r}: `splits` applies to hub sources (fetch hub / parquet_export)")
     if spec.fetch == "jsonl" and not spec.data_files:
         raise UserError(f"{registry}: source {name!r} (fetch jsonl) needs `data_files`")
     if spec.expand_configs and spec.fetch != "parquet_export":

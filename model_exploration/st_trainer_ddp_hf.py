@@ -8,12 +8,13 @@ The run, top to bottom: parse flags -> resolve the mixture and its mirror (fetch
 --build_caches_only: build them) -> join the process group -> pick the run folder -> load the model -> load the
 benchmarks (rank 0 fetches) -> with --hub_dir, check every input is in the mirror -> write the run folder ->
 build/read the source caches (rank 0 builds) -> evaluators -> [sample stage: benchmark the starting model] ->
-train (resumable) -> save -> benchmark -> results.json / .md.
+train (resumable) -> save -> benchmark -> results.json / .md -> the model card with them -> [--push_to_hub].
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -24,9 +25,9 @@ from datasets import DatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
 from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 
-from model_exploration import binary, cli, distributed, evaluation, pretokenize, reporting, tracking, unpadded
+from model_exploration import binary, cli, distributed, evaluation, pretokenize, release, reporting, tracking, unpadded
 from model_exploration.benchmarks import load_benchmarks
-from model_exploration.data import cache_path_for, check_offline_inputs
+from model_exploration.data import COMPLETE_MARKER, cache_path_for, check_offline_inputs
 from model_exploration.errors import UserError, exit_status
 from model_exploration.fetch import Mirror, default_root
 from model_exploration.losses import GatheredCachedMNRLoss, GatheredMNRLoss
@@ -96,7 +97,8 @@ def make_mirror(args, cache_dir: Path) -> Mirror:
 
 
 def print_plan(specs, args, cache_dir: Path, mirror: Mirror) -> None:
-    """What a run would train on, offline: sources, columns, weights, where each sits in the mirror, cache paths."""
+    """What a run would train on, offline: sources, columns, weights, where each sits in the mirror (one line per
+    hub split, with its rows where parquet footers tell them), cache paths and, once built, the rows each split gave."""
     total_weight = sum(s.weight for s in specs)
     print(f"{args.mixture or 'stage ' + args.stage}: {len(specs)} sources; a batch comes from source i with p ~ weight_i x size_i "
           f"(sizes are known once loaded; weight share shown)")  # fmt: skip
@@ -106,13 +108,14 @@ def print_plan(specs, args, cache_dir: Path, mirror: Mirror) -> None:
         expand = "  (one source per config of the parquet export)" if s.expand_configs else ""
         print(f"{s.name:48} {s.weight:8.3f} {s.weight / total_weight:8.2%}  {s.describe()}{expand}")
         if not s.replay_of:
-            print(f"{'':67}mirror: {mirror.describe(s, args.nrows)}")
-        print(
-            f"{'':67}cache: {cache_path_for(cache_dir, s, args.nrows, args.seed, args.max_datapoints_per_src_for_eval)}"
-        )
+            for line in mirror.describe(s, args.nrows):
+                print(f"{'':67}mirror: {line}")
+        cache = cache_path_for(cache_dir, s, args.nrows, args.seed, args.max_datapoints_per_src_for_eval)
+        print(f"{'':67}cache: {cache}{built_rows(cache)}")
         for member in s.replay_of:
             print(f"{'':67}replays {member.name}: {member.describe()}")
-            print(f"{'':71}mirror: {mirror.describe(member, args.nrows)}")
+            for line in mirror.describe(member, args.nrows):
+                print(f"{'':71}mirror: {line}")
         if s.replay_of:
             left_out = [m.name for m in build_dataset_configs_s1() if m.is_triplet and m not in s.replay_of]
             if left_out:
@@ -133,6 +136,17 @@ def model_plan(args, mirror: Mirror) -> str:
     if config is None:
         return "not available offline yet (fetched at start-up); its config decides the fast path"
     return unpadded.describe(config)
+
+
+def built_rows(cache: Path) -> str:
+    """' (built: ...)' with the pairs a built cache holds and the raw rows each hub split gave, else ''."""
+    marker = cache / COMPLETE_MARKER
+    if not marker.exists():
+        return ""
+    meta = json.loads(marker.read_text())
+    per_split = ", ".join(f"{split} {rows:,}" for split, rows in meta.get("rows_per_split", {}).items())
+    read = f"; rows read: {per_split}" if per_split else ""
+    return f"  (built: {meta['train']:,} train + {meta['validation']:,} validation pairs{read})"
 
 
 def build_caches(specs, args, cache_dir: Path, mirror: Mirror) -> None:
@@ -222,7 +236,8 @@ def build_loss(args, model, surrogate: binary.BinarySurrogate | None):
 
 
 def training_arguments(args, output_dir: Path, has_evaluator: bool) -> SentenceTransformerTrainingArguments:
-    """Identical on every rank (rank-dependent arguments deadlock DDP)."""
+    """Identical on every rank (rank-dependent arguments deadlock DDP). The hub repo is named here (ST writes it into
+    the card's usage example) but the trainer's own push stays off: release.py says why and uploads final/."""
     return SentenceTransformerTrainingArguments(
         output_dir=str(output_dir),
         run_name=output_dir.name,
@@ -245,7 +260,7 @@ def training_arguments(args, output_dir: Path, has_evaluator: bool) -> SentenceT
         logging_first_step=True,
         seed=args.seed,
         data_seed=args.seed,
-        report_to=["wandb"] if args.wb_mode != "disabled" else "none",
+        report_to="none",  # W&B: run() adds tracking.wandb_callback() itself
         ddp_timeout=int(args.ddp_timeout_minutes * 60),
         dataloader_num_workers=args.dataloader_num_workers,
         # DDP's search for unused parameters walks the graph every step; the only unused ones (the pooler) are
@@ -256,6 +271,8 @@ def training_arguments(args, output_dir: Path, has_evaluator: bool) -> SentenceT
         logging_nan_inf_filter=False,
         # batches are copied from pinned memory without blocking the host (CUDA; a no-op on CPU)
         accelerator_config={"non_blocking": torch.cuda.is_available()},
+        hub_model_id=args.hub_model_id,
+        hub_private_repo=args.hub_private_repo,
     )
 
 
@@ -274,10 +291,12 @@ def run(argv: list[str] | None = None) -> None:
 
     tracking.check_wandb_credentials(args.wb_mode)
     distributed.init_process_group(args.ddp_timeout_minutes, args.build_wait_minutes)
+    if args.push_to_hub:
+        release.check_push_target(args.hub_model_id, args.hub_private_repo)
     output_dir, resume_from = resolve_output_dir(args)
     model, native_max_len = load_model(args, mirror)
     with distributed.rank0_first():  # rank 0 fetches what the mirror lacks; the others then read it
-        benchmarks = [b for spec in args.eval_benchmarks for b in load_benchmarks(spec, mirror)]
+        benchmarks = [b for spec in args.eval_benchmarks for b in load_benchmarks(spec, mirror, args.doc_fields)]
     check_offline_inputs(specs, cache_dir, args.nrows, args.seed, args.max_datapoints_per_src_for_eval, mirror,
                          args.n_data_src)  # fmt: skip
     if distributed.is_main_process():  # only once the inputs are known good: no half-made run folders
@@ -289,8 +308,9 @@ def run(argv: list[str] | None = None) -> None:
     sources = load_and_cache_datasets(specs, cache_dir, args.nrows, args.seed, args.max_datapoints_per_src_for_eval,
                                       args.n_data_src, mirror, args.num_proc)  # fmt: skip
     for s in sources:
-        logger.info("source %-40s train %8d  val %4d  dropped(empty) %d",
-                    s.spec.name, len(s.train), len(s.validation), s.dropped_empty)  # fmt: skip
+        read = ", ".join(f"{split} {rows}" for split, rows in s.rows_per_split.items())
+        logger.info("source %-40s train %8d  val %4d  dropped(empty) %d%s", s.spec.name, len(s.train),
+                    len(s.validation), s.dropped_empty, f"  rows read: {read}" if read else "")  # fmt: skip
     collator_kwargs = {}
     if args.pretokenize:
         train_sets = {
@@ -312,13 +332,15 @@ def run(argv: list[str] | None = None) -> None:
     )
     surrogate = binary.BinarySurrogate(args.bat, args.bat_beta_start, args.bat_beta_end) if args.bat else None
     preemption = PreemptionCallback()
+    wandb_callback = tracking.wandb_callback() if args.wb_mode != "disabled" else None
     trainer = MixtureTrainer(
         model=model,
         args=training_arguments(args, output_dir, evaluator is not None),
         train_dataset=DatasetDict(train_sets),
         loss=build_loss(args, model, surrogate),
         callbacks=[preemption, CheckpointCompleteCallback()]
-        + ([binary.SurrogateStepCallback(surrogate, args.bat_anneal_ratio)] if surrogate else []),
+        + ([binary.SurrogateStepCallback(surrogate, args.bat_anneal_ratio)] if surrogate else [])
+        + ([wandb_callback] if wandb_callback else []),
         evaluator=evaluator,
         source_weights={s.spec.name: s.spec.weight for s in sources},
         same_source_global_batch=args.same_source_global_batch,
@@ -340,12 +362,26 @@ def run(argv: list[str] | None = None) -> None:
     trainer.save_model(str(final_dir))
 
     final_rows = evaluation.final_benchmark_rows(trainer, benchmark_evaluator)
-    if distributed.is_main_process() and final_rows:
-        table = {f"{args.model_name} (before)": starting_rows} if starting_rows else {}
-        table[str(final_dir)] = final_rows
-        # a run's results.json: benchmark -> metric -> value of its final model; the tables add the start
-        reporting.write_results(table, output_dir, charts=False, json_payload=final_rows)
-        print(reporting.markdown_table(table))
+    if distributed.is_main_process():
+        if final_rows:
+            # a run's results.json: benchmark -> metric -> value of its final model; the tables add the start
+            table = ({f"{args.model_name} (before)": starting_rows} if starting_rows else {}) | {
+                str(final_dir): final_rows
+            }
+            reporting.write_results(table, output_dir, charts=False, json_payload=final_rows)
+            print(reporting.markdown_table(table))
+        # the card's table: the same rows, labelled without local paths
+        card_table = {"starting model": starting_rows} if starting_rows else {}
+        card_table |= {"this model": final_rows} if final_rows else {}
+        command = release.command_line(sys.argv[1:] if argv is None else argv)
+        section = release.run_section(card_table, benchmarks, sources, command, distributed.world_size(),
+                                      args.eval_max_len or native_max_len)  # fmt: skip
+        logger.info("model card with this run's results: %s", release.write_model_card(model, final_dir, section))
+        if wandb_callback and wandb_callback.log_final_model(final_dir):  # WANDB_LOG_MODEL=end
+            logger.info("final model logged to W&B as artifact model-%s", output_dir.name)
+        if args.push_to_hub:
+            url = release.upload(final_dir, args.hub_model_id, args.hub_private_repo, f"{output_dir.name}: final model")
+            logger.info("pushed %s to the hub: %s", final_dir, url)
     distributed.barrier()
 
 

@@ -79,9 +79,13 @@ def check_wandb_credentials(mode: str) -> None:
 
 def init_wandb(args, output_dir: Path, config: dict[str, Any]) -> None:
     """Start (or continue) the run on rank 0; the HF WandbCallback then logs into it. Offline runs cannot be
-    resumed by W&B, so the global step in our logs is the step counter to trust there."""
+    resumed by W&B, so the global step in our logs is the step counter to trust there. An offline run stages its
+    artifacts (WANDB_LOG_MODEL's model) in its own wandb/ folder instead of ~/.local/share/wandb, so that
+    `wandb sync <run>/wandb/offline-run-*` from a login node finds them with the run (unless WANDB_DATA_DIR is set)."""
     import wandb
 
+    if args.wb_mode == "offline":
+        os.environ.setdefault("WANDB_DATA_DIR", str((output_dir / "wandb").resolve()))
     run_id = resolve_run_id(output_dir, args.resume_run_id)
     wandb.init(
         project=args.wb_project,
@@ -93,3 +97,36 @@ def init_wandb(args, output_dir: Path, config: dict[str, Any]) -> None:
         dir=str(output_dir),
         config=redact(config),
     )
+
+
+def wandb_callback():
+    """transformers' WandbCallback (metrics from rank 0; WANDB_LOG_MODEL=checkpoint logs each checkpoint folder),
+    except for the final model of WANDB_LOG_MODEL=end: its on_train_end saves the model through a bare HF Trainer,
+    which writes only a state dict for a model that is not a PreTrainedModel (a SentenceTransformer is not), so the
+    artifact would not load with SentenceTransformer(...). Instead `log_final_model` logs the final/ folder, once its
+    card holds the run's results, from rank 0 only; a run stopped by SIGTERM to be resumed logs none."""
+    import numbers
+
+    from transformers.integrations import WandbCallback
+
+    class FinalFolderWandbCallback(WandbCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            return None
+
+        def log_final_model(self, folder: Path) -> bool:
+            """The final model folder as artifact model-<run name> (alias final_model), when WANDB_LOG_MODEL asks;
+            returns whether it was logged. Call on rank 0."""
+            if not (self._log_model.is_enabled and self._initialized and self._wandb.run is not None):
+                return False
+            run = self._wandb.run
+            summary = {
+                k: v for k, v in dict(run.summary).items() if isinstance(v, numbers.Number) and not k.startswith("_")
+            }
+            artifact = self._wandb.Artifact(
+                name=f"model-{run.name}", type="model", metadata=summary | {"final_model": True}
+            )
+            artifact.add_dir(str(folder))
+            run.log_artifact(artifact, aliases=["final_model"])
+            return True
+
+    return FinalFolderWandbCallback()

@@ -7,6 +7,7 @@ from datasets import Dataset
 from model_exploration import data
 from model_exploration.errors import UserError
 from model_exploration.fetch import Mirror
+from model_exploration.sampler import make_source_batch_sampler
 from model_exploration.sources import SourceSpec
 
 
@@ -44,14 +45,20 @@ def test_pairs_strip_clean_and_count_empty_rows(tmp_path):
     assert pairs["positive"] == ["Mitochondria in cells & more", "joined sentences"]
 
 
-def test_pair_from_list_is_seeded_and_distinct():
-    raw = Dataset.from_dict({"set": [["a", "b", "c", "d"], ["x", "y"], ["only"]]})
+def test_pair_from_list_is_seeded_distinct_and_pairs_a_single_member_with_itself(caplog):
+    caplog.set_level("INFO", logger="model_exploration.data")
+    raw = Dataset.from_dict({"set": [["a", "b", "c", "d"], ["x", "y"], ["only"], [" "]]})
     spec = SourceSpec(name="wa", hub="x", pair_from_list="set")
     first, dropped = data.to_pairs(spec, raw, seed=7)
     again, _ = data.to_pairs(spec, raw, seed=7)
     assert first["anchor"] == again["anchor"] and first["positive"] == again["positive"]
-    assert dropped == 1  # a one-member set cannot make a pair
-    assert all(a != p for a, p in zip(first["anchor"], first["positive"]))
+    assert dropped == 1  # a set with no text
+    assert all(a != p for a, p in zip(first["anchor"][:2], first["positive"][:2]))
+    assert (first["anchor"][2], first["positive"][2]) == ("only", "only")  # as the original kept it
+    assert "1 of 4 rows are one-member sets" in caplog.text
+    # a self pair is one text to the no-duplicates sampler: batched once per pass, never beside another "only"
+    batches = list(make_source_batch_sampler(first, batch_size=3))
+    assert sorted(i for batch in batches for i in batch) == [0, 1, 2]
 
 
 def test_unknown_column_names_source_and_columns(tmp_path):

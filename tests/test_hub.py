@@ -2,6 +2,7 @@
 (tests/fixtures/hub, see tests/fixtures/SOURCES.md) by the code a real run uses; fetching (NCBI over HTTP, the hub
 faked by the fixture), prefetch, --hub_dir, --build_caches_only and offline end-to-end runs. `pytest -k hub`."""
 
+import dataclasses
 import functools
 import hashlib
 import http.server
@@ -17,9 +18,10 @@ from xml.etree import ElementTree
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from helpers import ENTRY, PYTHON, REPO_ROOT, subprocess_env
-from model_exploration import data, fetch, pubmed, st_trainer_ddp_hf
+from model_exploration import data, fetch, pubmed, sources, st_trainer_ddp_hf
 from model_exploration.errors import UserError
 from model_exploration.fetch import Mirror
 from model_exploration.sources import build_dataset_configs_file, load_registry
@@ -46,7 +48,7 @@ EXPECTED = {
     "trivia_qa_triplet": (("Which Lloyd Webber musical premiered in the US on 10th December 1993?", "Sunset Boulevard (musical) ... The musical opened on Broadway at the Minskoff Theatre in 1993.", "We propose learning to transfer…"), 0),
     "nli_for_simcse": (("A man is playing a guitar on stage.", "A man performs music.", "A man is sleeping at home."), 0),
     "quora_duplicates_triplet": (("How can I be a good geologist?", "What should I do to be a great geologist?", "How can I become a good photographer?"), 0),
-    "wikianswers": (("How do you get rid of fruit flies?", "What kills fruit flies?"), 1),
+    "wikianswers": (("How do you get rid of fruit flies?", "What kills fruit flies?"), 0),
     "eli5": (("why does the moon look bigger near the horizon?", "It is mostly an illusion: your brain compares it with trees and buildings on the horizon."), 0),
     "sentence_compression": (("City council approved a new budget.", "The city council on Tuesday approved a new budget that raises property taxes by two percent."), 0),
     "flickr30k_captions": (("Two young guys with shaggy hair look at their hands while hanging out in the yard.", "Two young men are outside near many bushes."), 0),
@@ -106,10 +108,11 @@ def test_hub_every_source_is_in_the_fixture_and_expected():
     assert {s.name for s in registry_sources()} == set(EXPECTED)
 
 
-def test_hub_wrong_column_fails_with_one_line_naming_source_and_column(tmp_path):
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_hub_wrong_column_fails_with_one_line_naming_source_column_and_split(split, tmp_path):
     mirror_root = tmp_path / "mirror"
     shutil.copytree(FIXTURE / "datasets" / "rajpurkar", mirror_root / "datasets" / "rajpurkar")
-    shard = next((mirror_root / "datasets" / "rajpurkar").rglob("*.parquet"))
+    shard = next((mirror_root / "datasets" / "rajpurkar").rglob(f"{split}-*.parquet"))
     table = pq.read_table(shard)
     pq.write_table(table.rename_columns(["query" if c == "question" else c for c in table.column_names]), shard)
     spec = next(s for s in load_registry("1")[0] if s.name == "squad_v2")
@@ -119,7 +122,7 @@ def test_hub_wrong_column_fails_with_one_line_naming_source_and_column(tmp_path)
     assert message.startswith(
         "source 'squad_v2': column 'question' not found (columns: ['id', 'title', 'context', 'query'"
     )
-    assert "\n" not in message
+    assert f"in split '{split}'" in message and "\n" not in message
 
 
 # ---------------------------------------------------------------- PubMed
@@ -293,6 +296,7 @@ def fake_hub(monkeypatch):
     monkeypatch.setattr(fetch, "_resolve_hub", resolve_hub)
     monkeypatch.setattr(fetch, "_resolve_export", resolve_export)
     monkeypatch.setattr(fetch, "_export_configs", lambda repo: ["astronomy", "cardano"])
+    monkeypatch.setattr(fetch, "_hub_splits", lambda spec: manifest(dataclasses.replace(spec, splits=("_splits",)))[1])
     monkeypatch.setattr(fetch, "_fetch_card", lambda *a: None)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     monkeypatch.setattr(huggingface_hub, "HfFileSystem", FakeFs)
@@ -303,16 +307,18 @@ def test_hub_prefetch_heads_then_whole_files_and_offline_reads(fake_hub, tmp_pat
     squad = next(s for s in load_registry("1")[0] if s.name == "squad_v2")
     best = next(s for s in load_registry("1")[0] if s.name == "stackexchange_title_best_voted_answer")
     online = Mirror(tmp_path / "mirror", offline=False)
-    head = online.source_files(squad, nrows=3)
+    train, validation = online.split_members(squad)
+    head = online.source_files(train, nrows=3)
     assert head.head_rows == 3 and pq.read_table(head.paths[0]).num_rows == 3 and fake_hub["download"] == 0
     assert fetch.HEADS in head.paths[0].parts  # apart from the whole file, which the hub client could mistake it for
+    online.source_files(validation, nrows=3)
 
     offline = Mirror(tmp_path / "mirror", offline=True, prefetch_hint="python data_prep/prefetch.py --stage 1")
-    assert len(data.load_raw(squad, offline, 2, tmp_path / "w")) == 2  # a smoke test's share is there
+    assert len(data.load_raw(squad, offline, 2, tmp_path / "w")) == 4  # a smoke test's share of each split is there
     with pytest.raises(UserError, match=r"holds only its first 3 rows in the mirror .*prefetch.py --stage 1 --out"):
-        offline.source_files(squad, None)  # a full run never trains on a head
+        offline.source_files(train, None)  # a full run never trains on a head
 
-    full = online.source_files(squad, None)
+    full = online.source_files(train, None)
     assert full.head_rows is None and pq.read_table(full.paths[0]).num_rows == 12 and fake_hub["download"] == 1
     assert fetch.HEADS not in full.paths[0].parts
     members = online.expand(best)
@@ -358,6 +364,60 @@ def test_hub_dry_run_shows_sources_mirror_state_replay_and_unverified_schemas(ca
     assert "replay: every row of each of 28 Stage-1 sources" in out and "not fetched" in out
 
 
+def test_hub_splits_are_concatenated_counted_and_shown_per_split_by_the_dry_run(tmp_path, capsys):
+    """squad_v2 reads train + validation and cnn_dailymail train + validation + test (the original's choice): the
+    cache holds every split's rows, records how many each gave, and the dry run shows them per split."""
+    mixture = tmp_path / "m.yaml"
+    wanted = [s for s in load_registry("1")[0] if s.name in ("squad_v2", "cnn_dailymail")]
+    mixture.write_text(yaml.safe_dump({"sources": [sources.registry_entry(s) for s in wanted]}))
+    flags = ["--mixture", str(mixture), "--hub_dir", str(FIXTURE), "--cache_dir", str(tmp_path / "cache"),
+             "--num_proc", "1", "--max_datapoints_per_src_for_eval", "2"]  # fmt: skip
+    assert st_trainer_ddp_hf.main([*flags, "--dry_run"]) == 0
+    plan = capsys.readouterr().out
+    assert re.search(r"squad_v2 .*splits=train\+validation", plan)
+    for key, rows in (("default/train", 12), ("default/validation", 4), ("3.0.0/train", 12),
+                      ("3.0.0/validation", 2), ("3.0.0/test", 3)):  # fmt: skip
+        assert f"[{key}]: 1 file(s), {rows} rows" in plan, key
+
+    assert st_trainer_ddp_hf.main([*flags, "--build_caches_only"]) == 0
+    built = {s.spec.name: s for s in data.load_and_cache_datasets(wanted, tmp_path / "cache", None, 42, 2, None,
+                                                                   fixture_mirror())}  # fmt: skip
+    squad = built["squad_v2"]
+    assert squad.rows_per_split == {"train": 12, "validation": 4}
+    assert len(squad.train) + len(squad.validation) + squad.dropped_empty == 16
+    assert "In what country is Normandy located?" in list(squad.train["anchor"]) + list(squad.validation["anchor"])
+    assert built["cnn_dailymail"].rows_per_split == {"train": 12, "validation": 2, "test": 3}
+    capsys.readouterr()
+    assert st_trainer_ddp_hf.main([*flags, "--dry_run"]) == 0
+    assert "rows read: train 12, validation 4)" in capsys.readouterr().out
+
+
+def test_hub_splits_all_reads_the_split_list_recorded_in_the_mirror(fake_hub, tmp_path, capsys):
+    sde = next(s for s in load_registry("2")[0] if s.name == "nasa_sde_st_corpus")
+    assert sde.splits == ("all",)
+    assert [m.split for m in fixture_mirror().split_members(sde)] == ["train"]
+    offline = Mirror(tmp_path / "mirror", offline=True, prefetch_hint="python data_prep/prefetch.py --stage 2")
+    assert offline.describe(sde) == [
+        f"{tmp_path / 'mirror' / fetch.hub_checkout(sde.hub, False)} [default/_splits]: split list not fetched (splits: all)"
+    ]
+    with pytest.raises(UserError, match=r"^source 'nasa_sde_st_corpus' \(splits: all\): the split list of .*"
+                                        r"prefetch.py --stage 2 --out"):  # fmt: skip
+        offline.split_members(sde)
+    online = Mirror(tmp_path / "mirror", offline=False)
+    for member in online.split_members(sde):  # listed on the hub, recorded
+        online.source_files(member)
+    assert [m.split for m in offline.split_members(sde)] == ["train"]
+    assert len(data.load_raw(sde, offline, None, tmp_path / "w")) == 12
+
+
+def test_hub_cache_keys_of_one_split_sources_are_those_before_splits_existed():
+    """Adding `splits` (and the single-member WikiAnswers rule) changes the keys of the sources whose rows changed,
+    and no other: a week of built caches is not thrown away by a registry format change."""
+    keys = {s.name: data.cache_key(s, None, 42, 20) for s in load_registry("1")[0] + load_registry("2")[0]}
+    assert keys["gooaq"] == "63a5be212e042553"  # as built by the previous version
+    assert keys["specter_triplet"] == "5f32ba86e8a8eb5b"
+
+
 def test_hub_replay_is_a_seeded_sample_spread_over_each_whole_source(tmp_path):
     picks = data.replay_indices(1000, 20, seed=42, name="trivia_qa_triplet")
     assert picks == sorted(set(picks)) and len(picks) == 20 and max(picks) > 500  # not the head of the file
@@ -393,6 +453,46 @@ def test_hub_nanobeir_rows_equal_sentence_transformers_nanobeir_evaluator(tmp_pa
         for metric in ("ndcg@10", "mrr@10", "map@100", "recall@1", "recall@5", "recall@10"):
             assert row[metric] == pytest.approx(theirs[f"{prefix}_cosine_{metric}"], abs=1e-4), (name, metric)
     assert len(ours) == 14
+
+
+def test_hub_nasa_scores_differ_between_document_protocols_exactly_where_titles_are_non_empty(tmp_path):
+    """NASA SMD / SDE embed a document's `text` alone by default (the paper's protocol); `title,text` is BEIR's. The
+    fixture's SMD titles are all empty and half of its SDE titles are not: only SDE documents, and only those with a
+    title, change, and so only SDE's scores."""
+    from sentence_transformers import SentenceTransformer
+
+    from model_exploration import compare
+    from model_exploration.benchmarks import NASA_SDE_REPO, NASA_SMD_REPO, load_benchmarks
+    from model_exploration.evaluation import RetrievalEvaluator
+
+    model_dir = FIXTURE / "models" / "nasa-impact" / "indus-sde-st-v0.1"
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    with_titles = {}
+    for spec, repo in (("nasa_smd", NASA_SMD_REPO), ("nasa_sde", NASA_SDE_REPO)):
+        corpus = data.read_jsonl(FIXTURE / fetch.hub_checkout(repo, False) / "corpus.jsonl", spec)
+        titled = {d["_id"] for d in corpus if d["title"]}
+        with_titles[spec] = len(titled)
+        paper = load_benchmarks(spec, fixture_mirror())[0]
+        beir = load_benchmarks(spec, fixture_mirror(), ("title", "text"))[0]
+        assert (paper.doc_fields, beir.doc_fields) == (("text",), ("title", "text"))
+        texts = {d["_id"]: d["text"] for d in corpus}
+        assert all(text == texts[i] for i, text in zip(paper.corpus_ids, paper.corpus_texts))
+        changed = {i for i, a, b in zip(paper.corpus_ids, paper.corpus_texts, beir.corpus_texts) if a != b}
+        assert changed == titled
+        rows = [RetrievalEvaluator([b]).compute_rows(model) for b in (paper, beir)]
+        differs = any(rows[0][r][m] != rows[1][r][m] for r in rows[0] for m in ("ndcg@10", "mrr@10", "map@100"))
+        assert differs == bool(titled), spec
+    assert with_titles["nasa_smd"] == 0 and with_titles["nasa_sde"] > 0
+
+    # compare.py: a protocol is part of what a result means, so a re-run under the other one is not skipped
+    out = tmp_path / "cmp"
+    argv = ["--models", str(model_dir), "--benchmarks", "nasa_sde", "--output_dir", str(out), "--hub_dir",
+            str(FIXTURE), "--no_charts"]  # fmt: skip
+    assert compare.main(argv) == 0
+    first = json.loads((out / "results.json").read_text())[str(model_dir)]["nasa_sde"]
+    assert compare.main([*argv, "--doc_fields", "title,text"]) == 0
+    second = json.loads((out / "results.json").read_text())[str(model_dir)]["nasa_sde"]
+    assert first != second
 
 
 # ---------------------------------------------------------------- end to end, offline

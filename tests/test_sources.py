@@ -73,12 +73,29 @@ def test_registry_mistakes_are_one_line_errors(tmp_path):
         "{name: a, loader: jsonl, data_files: x.jsonl, anchor: q, positive: p}": "unknown field(s) ['loader']",
         "{name: a, fetch: ftp, hub: x/y, anchor: q, positive: p}": "has fetch 'ftp'",
         "{name: a, hub: x/y, expand_configs: true, anchor: q, positive: p}": "set fetch: parquet_export",
+        "{name: a, fetch: jsonl, data_files: x.jsonl, splits: [train, test], anchor: q, positive: p}": (
+            "`splits` applies to hub sources"
+        ),
+        "{name: a, hub: x/y, split: train, splits: [test], anchor: q, positive: p}": "has both `split` and `splits`",
+        "{name: a, hub: x/y, splits: [all, test], anchor: q, positive: p}": "`splits: all` already takes every split",
+        "{name: a, hub: x/y, splits: [train, train], anchor: q, positive: p}": "lists a split twice",
     }
     for entry, message in cases.items():
         path = tmp_path / "m.yaml"
         path.write_text(f"sources:\n  - {entry}\n")
         with pytest.raises(UserError, match=re.escape(message)):
             build_dataset_configs_file(path)
+    path.write_text("sources:\n  - {name: a, hub: x/y, split: validation, anchor: q, positive: p}\n")
+    assert build_dataset_configs_file(path)[0].splits == ("validation",)  # an earlier file's one-split spelling
+
+
+def test_registries_read_every_split_the_original_concatenated():
+    specs = {s.name: s for s in load_registry("1")[0] + load_registry("2")[0]}
+    assert specs["squad_v2"].splits == ("train", "validation")
+    assert specs["cnn_dailymail"].splits == ("train", "validation", "test")
+    assert specs["nasa_sde_st_corpus"].splits == ("all",)  # its splits are not public: every one the repo serves
+    others = set(specs) - {"squad_v2", "cnn_dailymail", "nasa_sde_st_corpus"}
+    assert all(specs[n].splits == ("train",) for n in others)
 
 
 def test_a_local_source_cache_key_follows_its_content_not_its_timestamp_or_notes(tmp_path):

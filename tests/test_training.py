@@ -112,6 +112,10 @@ def test_torchrun_two_ranks_share_one_run_and_evaluate_as_one_process(tiny_model
         ),
         (["--stage", "sample", "--lr", "0"], "--lr must be > 0"),
         (["--stage", "1", "--stage1_replay_rows", "5"], "apply to --stage 2 only"),
+        (
+            ["--stage", "sample", "--doc_fields", "title,abstract"],
+            "argument --doc_fields: expected fields of title,text",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(args, expected, tmp_path, monkeypatch, capsys):
