@@ -31,6 +31,7 @@ R is orthogonal: float cosine scores change only by the centering.
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any
 
 import torch
@@ -227,6 +228,19 @@ class CenterTracker:
         mu = -module.linear.bias.float() @ rotation.T  # bias = -mu R  =>  mu = -bias R^T
         mu = (1 - self.momentum) * mu + self.momentum * batch_mean
         module.linear.bias.copy_((-mu @ rotation).to(module.linear.bias.dtype))
+
+
+def calibration_texts(train_sets, rows: int, seed: int) -> list[str]:
+    """A seeded sample of about `rows` training pairs spread evenly over the sources: their anchors and positives
+    (queries and passages both cross the calibration layer)."""
+    rng = random.Random(seed)
+    per_source = -(-rows // max(1, len(train_sets)))
+    texts: list[str] = []
+    for train in train_sets:
+        picks = sorted(rng.sample(range(len(train)), min(per_source, len(train))))
+        chosen = train.select(picks)
+        texts += list(chosen["anchor"]) + list(chosen["positive"])
+    return texts
 
 
 def add_calibration(model, texts: list[str], center: str, rotation: str, seed: int = 0):

@@ -270,6 +270,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(with --bat) 1-bit",
     )
     g.add_argument(
+        "--matryoshka_weights",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="W",
+        help="Matryoshka: the loss weight of each dimension, full dimension first, then --matryoshka_dims from the "
+        "largest (default: the full dimension weighs as much as all truncations together, so it keeps its "
+        "quality; the truncations 1 each)",
+    )
+    g.add_argument(
         "--bat",
         nargs="?",
         const="ste",
@@ -291,6 +301,28 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.8,
         help="annealed_tanh: share of the optimizer steps over which beta rises",
+    )
+    g.add_argument(
+        "--bat_center",
+        choices=["none", "mean", "learned"],
+        default="none",
+        help="binary-aware training: where each bit's threshold sits; a calibration layer after pooling subtracts "
+        "mu (mean: a moving average of the training batches' embeddings; learned: trained, from their mean) so "
+        "every bit splits its dimension where the data does (model_exploration/binary.py); saved with the model",
+    )
+    g.add_argument(
+        "--bat_rotation",
+        choices=["none", "random", "itq"],
+        default="none",
+        help="binary-aware training: an orthogonal rotation in the calibration layer before the sign (random: "
+        "seeded; itq: iterative quantization on a sample of training embeddings); saved with the model",
+    )
+    g.add_argument(
+        "--bat_calibration_rows",
+        type=_positive_int,
+        default=2048,
+        help="binary-aware training: training texts (a seeded sample over the sources, anchors and positives) "
+        "that fit the calibration layer's initial mean and rotation",
     )
     g.add_argument(
         "--seed", type=int, default=42, help="seeds validation splits, pair sampling, batch order and dropout"
@@ -416,11 +448,17 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
             parser.error("--lr_min_custom must be between 0 and --lr")
         if not 0 <= args.cosine_magnitude_fraction_custom < 1:
             parser.error("--cosine_magnitude_fraction_custom must be in [0, 1)")
-    bat_options = ("bat_float_weight", "bat_beta_start", "bat_beta_end", "bat_anneal_ratio")
+    bat_options = ("bat_float_weight", "bat_beta_start", "bat_beta_end", "bat_anneal_ratio", "bat_center",
+                   "bat_rotation", "bat_calibration_rows")  # fmt: skip
     if args.bat is None and any(getattr(args, o) != parser.get_default(o) for o in bat_options):
         parser.error("--bat_* options need --bat")
     if not 0 < args.bat_beta_start <= args.bat_beta_end or not 0 < args.bat_anneal_ratio <= 1:
         parser.error("need 0 < --bat_beta_start <= --bat_beta_end and 0 < --bat_anneal_ratio <= 1")
+    if args.matryoshka_weights is not None:
+        if not args.matryoshka_dims:
+            parser.error("--matryoshka_weights needs --matryoshka_dims")
+        if any(w < 0 for w in args.matryoshka_weights) or not any(args.matryoshka_weights):
+            parser.error("--matryoshka_weights must be >= 0 and not all 0")
     if args.mini_batch_tokens and not args.mini_batch_size:
         parser.error("--mini_batch_tokens needs --mini_batch_size (GradCache's cap on texts per chunk)")
     if args.mini_batch_size and args.bat:

@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["float32"],
         choices=["float32", "ubinary"],
-        help="one value for all models, or one per model; ubinary adds 1-bit Hamming search rows",
+        help="one value for all models, or one per model; ubinary adds 1-bit rows: Hamming (1-bit queries) and "
+        "asymmetric (float queries against the documents' bits)",
     )
     p.add_argument(
         "--rescore_multiplier",
@@ -152,11 +153,13 @@ def run(argv: list[str] | None = None) -> dict:
 
     def signature(model_name: str) -> str:
         rescore = args.rescore_multiplier if precisions[model_name] == "ubinary" else 0
+        # the 1-bit searches a result holds (results from before the asymmetric search are redone)
+        binary = "|searches=hamming,asym" if precisions[model_name] == "ubinary" else ""
         identical = "ignore" if args.ignore_identical_ids else "keep"
         dims = ",".join(map(str, sorted(args.dims)))
         docs = ",".join(args.doc_fields or ("default",))
         return (f"{precisions[model_name]}|rescore={rescore}|max_len={args.max_seq_length}|identical_ids={identical}"
-                f"|dims={dims}|docs={docs}")  # fmt: skip
+                f"|dims={dims}|docs={docs}{binary}")  # fmt: skip
 
     args.benchmarks = list(dict.fromkeys(canonical_spec(b) for b in args.benchmarks))
     loaded: dict[str, list] = {}

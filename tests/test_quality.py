@@ -3,6 +3,7 @@ several dimensions from one encoding, the NDCG-vs-bytes chart."""
 
 import importlib.util
 import json
+import re
 
 import pytest
 import torch
@@ -118,6 +119,7 @@ def test_matryoshka_training_and_the_bytes_chart(tiny_model, small_beir, tmp_pat
     assert set(rows["dims"]) == {"32", "16"}
     card = (tmp_path / "m" / "final" / "README.md").read_text()
     assert "MatryoshkaLoss" in card and "matryoshka_dims" in card  # the model card records the loss
+    assert re.search(r'"matryoshka_weights": \[\s*2\.0,\s*1\.0,\s*1\.0\s*\]', card)  # full dim = the others' sum
     out = tmp_path / "cmp"
     assert compare.main(["--models", str(tmp_path / "m" / "final"), str(tiny_model), "--benchmarks",
                          f"beir:{small_beir}", "--output_dir", str(out), "--dims", "32", "16", "--precision",
@@ -125,6 +127,40 @@ def test_matryoshka_training_and_the_bytes_chart(tiny_model, small_beir, tmp_pat
     assert (out / "chart_beir_scifact_small_ndcg_vs_bytes.png").stat().st_size > 0
     table = (out / "results.md").read_text()
     assert "(dim 16, ubinary)" in table and "(dim 32)" in table
+
+
+def test_binary_training_with_calibration_end_to_end(tiny_model, small_beir, tmp_path):
+    """--bat with a centred, ITQ-rotated calibration layer: the final folder holds the layer as a plain Dense
+    module, and the run's table has Hamming and asymmetric rows with their bytes per vector."""
+    argv = ["--stage", "sample", "--model_name", str(tiny_model), "--output_base", str(tmp_path), "--run_name", "b",
+            "--nrows", "40", "--max_steps", "3", "--batch_size", "8", "--gradient_accumulation_steps", "1",
+            "--max_datapoints_per_src_for_eval", "0", "--eval_benchmarks", f"beir:{small_beir}", "--bat", "tanh",
+            "--bat_float_weight", "1", "--bat_center", "mean", "--bat_rotation", "itq", "--bat_calibration_rows",
+            "60", "--wb_mode", "disabled"]  # fmt: skip
+    assert st_trainer_ddp_hf.main(argv) == 0
+    modules = json.loads((tmp_path / "b" / "final" / "modules.json").read_text())
+    assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "Pooling", "Dense"]
+    row = json.loads((tmp_path / "b" / "results.json").read_text())["beir:scifact_small"]
+    assert row["ubinary"]["bytes_per_vector"] == row["ubinary_asym"]["bytes_per_vector"] == 8
+    table = (tmp_path / "b" / "results.md").read_text()
+    assert "(ubinary_asym)" in table and "(before)" in table
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--matryoshka_dims", "32", "--matryoshka_weights", "1", "2", "3"],
+     "error: --matryoshka_weights: 3 values for 2 dimensions (64 32: the full dimension first)"),
+    (["--matryoshka_dims", "32", "--matryoshka_weights", "0", "0"], "--matryoshka_weights must be >= 0 and not all 0"),
+    (["--bat_rotation", "itq"], "--bat_* options need --bat"),
+    (["--bat", "--bat_center", "median"], "argument --bat_center: invalid choice: 'median'"),
+])  # fmt: skip
+def test_new_quality_flags_fail_in_one_line(tiny_model, tmp_path, capsys, flags, expected):
+    argv = ["--stage", "sample", "--model_name", str(tiny_model), "--output_base", str(tmp_path), "--nrows", "16",
+            "--max_steps", "1", "--eval_benchmarks", "--wb_mode", "disabled", *flags]  # fmt: skip
+    try:
+        code = st_trainer_ddp_hf.main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    assert code == 2 and expected in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_a_written_mixture_keeps_the_local_sources_it_did_not_mine(tmp_path):
