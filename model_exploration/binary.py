@@ -117,20 +117,25 @@ class BinaryAwareMNRLoss(GatheredMNRLoss):
         model: the SentenceTransformer being trained.
         surrogate: the differentiable stand-in for sign() (mode, beta schedule), see BinarySurrogate.
         float_weight: weight of the float-embedding MNRL added to the binary one (0: binary only).
+        asymmetric: binarize the documents only (positives, negatives) and score float queries against them: the
+            loss of asymmetric search (float query, 1-bit index) rather than of Hamming search.
         **kwargs: MultipleNegativesRankingLoss's (scale, similarity_fct, gather_across_devices).
 
     Inputs:
         (anchor, positive) pairs or (anchor, positive, negative) triplets, as MultipleNegativesRankingLoss.
     """
 
-    def __init__(self, model, surrogate: BinarySurrogate, float_weight: float = 0.0, **kwargs):
+    def __init__(
+        self, model, surrogate: BinarySurrogate, float_weight: float = 0.0, asymmetric: bool = False, **kwargs
+    ):
         super().__init__(model, **kwargs)
         self.surrogate = surrogate
         self.float_weight = float_weight
+        self.asymmetric = asymmetric
 
     def get_config_dict(self) -> dict[str, Any]:
         """Recorded in the saved model card: which surrogate, which beta schedule, how much float loss."""
-        surrogate = {"surrogate": self.surrogate.mode, "float_weight": self.float_weight}
+        surrogate = {"surrogate": self.surrogate.mode, "float_weight": self.float_weight, "asymmetric": self.asymmetric}
         if self.surrogate.mode == "annealed_tanh":
             surrogate |= {"beta_start": self.surrogate.beta_start, "beta_end": self.surrogate.beta_end}
         return super().get_config_dict() | surrogate
@@ -138,7 +143,9 @@ class BinaryAwareMNRLoss(GatheredMNRLoss):
     def forward(self, sentence_features, labels):
         embeddings = embed_columns(self.model, sentence_features)
         self.surrogate.train(self.model.training)
-        loss = self.compute_loss_from_embeddings([self.surrogate(e) for e in embeddings], labels)
+        # asymmetric: the queries (first column) stay float, as asymmetric search scores them against 1-bit documents
+        binarized = [e if self.asymmetric and i == 0 else self.surrogate(e) for i, e in enumerate(embeddings)]
+        loss = self.compute_loss_from_embeddings(binarized, labels)
         if self.float_weight:
             loss = loss + self.float_weight * self.compute_loss_from_embeddings(embeddings, labels)
         return loss

@@ -303,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="annealed_tanh: share of the optimizer steps over which beta rises",
     )
     g.add_argument(
+        "--bat_asymmetric",
+        action="store_true",
+        help="binary-aware training for asymmetric search: only documents (positives, negatives) go through the "
+        "sign surrogate, queries stay float, as a float query searches a 1-bit index",
+    )
+    g.add_argument(
         "--bat_center",
         choices=["none", "mean", "learned"],
         default="none",
@@ -449,7 +455,7 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         if not 0 <= args.cosine_magnitude_fraction_custom < 1:
             parser.error("--cosine_magnitude_fraction_custom must be in [0, 1)")
     bat_options = ("bat_float_weight", "bat_beta_start", "bat_beta_end", "bat_anneal_ratio", "bat_center",
-                   "bat_rotation", "bat_calibration_rows")  # fmt: skip
+                   "bat_rotation", "bat_calibration_rows", "bat_asymmetric")  # fmt: skip
     if args.bat is None and any(getattr(args, o) != parser.get_default(o) for o in bat_options):
         parser.error("--bat_* options need --bat")
     if not 0 < args.bat_beta_start <= args.bat_beta_end or not 0 < args.bat_anneal_ratio <= 1:

@@ -232,7 +232,7 @@ def build_loss(args, model, surrogate: binary.BinarySurrogate | None):
     gather = args.gather_across_devices
     if surrogate:
         loss = binary.BinaryAwareMNRLoss(
-            model, surrogate, float_weight=args.bat_float_weight, gather_across_devices=gather
+            model, surrogate, args.bat_float_weight, args.bat_asymmetric, gather_across_devices=gather
         )
     elif args.mini_batch_size:
         loss = GatheredCachedMNRLoss(

@@ -147,3 +147,22 @@ def test_mean_centering_follows_the_training_batches(tiny_model_no_dropout):
     before = layer.linear.bias.clone()
     model(model.preprocess(other))
     assert torch.equal(layer.linear.bias, before)  # inference never moves it
+
+
+def test_asymmetric_loss_keeps_queries_float_and_binarizes_documents(tiny_model_no_dropout):
+    """With asymmetric=True the loss is MNRL of float queries against sign-surrogate documents: the same value as
+    computing it by hand, and different from the symmetric binary loss."""
+    model = SentenceTransformer(str(tiny_model_no_dropout), device="cpu")
+    model.eval()  # no dropout: the same embeddings on every call
+    texts = [[f"query {i} about cells" for i in range(4)], [f"passage {i} on tissue and cells" for i in range(4)]]
+    features = [model.preprocess(t) for t in texts]
+    surrogate = BinarySurrogate("tanh")
+    asym = BinaryAwareMNRLoss(model, surrogate, asymmetric=True)
+    sym = BinaryAwareMNRLoss(model, surrogate)
+    got = asym([dict(f) for f in features], None)
+    queries, docs = (model(dict(f))["sentence_embedding"] for f in features)
+    surrogate.train(False)
+    expected = asym.compute_loss_from_embeddings([queries, surrogate(docs)], None)
+    assert got.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert abs(sym([dict(f) for f in features], None).item() - got.item()) > 1e-4
+    assert asym.get_config_dict()["asymmetric"] is True
