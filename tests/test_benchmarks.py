@@ -63,3 +63,28 @@ def test_packed_attention_candidates_agree_and_ratios_match_their_times(capsys):
     ratios = dict(re.findall(r"(\S+)/bucketed=([\d.]+)", out))
     for name, ms in times.items():
         assert float(ratios[name]) == pytest.approx(float(ms) / float(times["bucketed"]), abs=0.06), name
+
+
+def test_seed_summary_judges_each_run_against_the_plain_fine_tune_of_its_seed():
+    def row(float_, hamming, asym):
+        return {"beir:scifact": {"ndcg@10": float_, "ubinary": {"ndcg@10": hamming}, "ubinary_asym": {"ndcg@10": asym}}}
+
+    results = {
+        "runs/pairs-s1/final": row(0.70, 0.63, 0.68),
+        "runs/pairs-s2/final": row(0.60, 0.54, 0.59),
+        "runs/eqat-s1/final": row(0.68, 0.665, 0.69),
+        "runs/eqat-s2/final": row(0.58, 0.57, 0.594),
+        "models/start": row(0.50, 0.45, 0.48),
+    }
+    table = _script("summarize_seeds").summarize(results, "beir:scifact").splitlines()
+    header = [c.strip() for c in table[2].strip("|").split("|")]
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in table[4:]}
+    eqat = dict(zip(header, cells["eqat"]))
+    # per seed: 0.665 / 0.70 = 0.95 and 0.57 / 0.60 = 0.95; 0.69 / 0.70 and 0.594 / 0.60; -0.02 twice
+    assert eqat["hamming / plain float"] == "0.9500 ± 0.0000"
+    assert (
+        eqat["asym / plain float"] == f"{(0.69 / 0.70 + 0.594 / 0.60) / 2:.4f} ± {abs(0.69 / 0.70 - 0.99) / 2**0.5:.4f}"
+    )
+    assert eqat["float - plain float"] == "-0.0200 ± 0.0000"
+    start = dict(zip(header, cells["models/start (start)"]))
+    assert start["hamming / plain float"] == "" and start["float"] == "0.5000"  # no seed: no plain twin
