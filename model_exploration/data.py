@@ -25,11 +25,11 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
+from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets, load_from_disk
 
 from model_exploration import distributed
 from model_exploration.errors import UserError
-from model_exploration.fetch import Mirror, default_root, iter_jsonl, read_files
+from model_exploration.fetch import JSONL_TEXT, Mirror, default_root, iter_jsonl, read_files, read_jsonl_lines
 from model_exploration.keys import short_hash
 from model_exploration.sources import SourceSpec
 
@@ -58,15 +58,15 @@ def read_jsonl(path: Path, context: str, nrows: int | None = None) -> list[dict[
     return list(islice(iter_jsonl(path, context), nrows))
 
 
-def load_raw(spec: SourceSpec, mirror: Mirror, nrows: int | None, work_dir: Path, num_proc: int = 1):
-    """A source's rows with their real columns: a Dataset, or parsed rows for local JSON lines (which may mix
-    types Arrow cannot hold)."""
+def load_raw(spec: SourceSpec, mirror: Mirror, nrows: int | None, work_dir: Path, num_proc: int = 1) -> Dataset:
+    """A source's rows as an Arrow-backed Dataset: its real columns, or, for local JSON lines, each line as text
+    (fetch.JSONL_TEXT; such rows may mix types Arrow cannot hold). Arrow files go to `work_dir`."""
     files = mirror.source_files(spec, nrows)
     if spec.fetch == "jsonl":
-        path = files.paths[0]
-        if not path.exists():
-            raise UserError(f"source {spec.name!r}: file not found: {path}")
-        rows = read_jsonl(path, f"source {spec.name!r}", nrows)
+        missing = [p for p in files.paths if not p.exists()]
+        if not files.paths or missing:
+            raise UserError(f"source {spec.name!r}: file not found: {missing[0] if missing else spec.local_path()}")
+        rows = read_jsonl_lines(files.paths, nrows, work_dir, f"source {spec.name!r}")
     else:
         rows = read_files(files, nrows, work_dir, num_proc)
     if len(rows) == 0:
@@ -122,13 +122,17 @@ def _check_columns(spec: SourceSpec, first: dict[str, Any]) -> None:
             ) from None
 
 
+def _batch_rows(batch: dict[str, list]) -> list[dict[str, Any]]:
+    """A batch's rows as dicts: zipped from its columns, or parsed from their JSON lines (checked when read)."""
+    if JSONL_TEXT in batch:
+        return [json.loads(text) for text in batch[JSONL_TEXT]]
+    return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+
 def _extract_batch(batch: dict[str, list], indices: list[int], spec: SourceSpec, seed: int) -> dict[str, list[str]]:
-    return _extract_rows([dict(zip(batch, values)) for values in zip(*batch.values())], indices, spec, seed)
-
-
-def _extract_rows(rows: list[dict[str, Any]], indices: list[int], spec: SourceSpec, seed: int) -> dict[str, list[str]]:
+    """anchor/positive[/negative] texts of a batch of raw rows, cleaned; rows with an empty text are left out."""
     out: dict[str, list[str]] = {c: [] for c in spec.columns}
-    for row, index in zip(rows, indices):
+    for row, index in zip(_batch_rows(batch), indices):
         if spec.pair_from_list:
             members = [m for m in (row.get(spec.pair_from_list) or []) if _as_text(m).strip()]
             # Seeded per row, so the pair drawn does not depend on batching or worker count.
@@ -142,45 +146,46 @@ def _extract_rows(rows: list[dict[str, Any]], indices: list[int], spec: SourceSp
                     texts[column] = resolve_path(row, paths[column])
                 except KeyError:
                     texts[column] = ""  # a ragged row (e.g. one text in `texts`) counts as empty and is dropped
-        for column in spec.columns:
-            out[column].append(_clean(_as_text(texts[column]), spec.clean))
+        cleaned = [_clean(_as_text(texts[column]), spec.clean) for column in spec.columns]
+        if all(cleaned):
+            for column, text in zip(spec.columns, cleaned):
+                out[column].append(text)
     return out
 
 
-def _has_texts(batch: dict[str, list[str]], columns: list[str]) -> list[bool]:
-    return [all(texts) for texts in zip(*(batch[c] for c in columns))]
+def _top_level_columns(spec: SourceSpec, raw: Dataset) -> list[str]:
+    """The raw columns the column paths read (all of a local source's): the map converts only these to Python."""
+    if raw.column_names == [JSONL_TEXT]:
+        return raw.column_names
+    paths = [spec.pair_from_list] if spec.pair_from_list else spec.column_paths.values()
+    return sorted({_PATH_TOKEN.match(path).group(1) for path in paths})
 
 
-def to_pairs(
-    spec: SourceSpec, raw: Dataset | list[dict[str, Any]], seed: int, num_proc: int = 1
-) -> tuple[Dataset, int]:
-    """Map a raw source to anchor/positive[/negative] texts; returns (pairs, rows dropped for empty text)."""
-    _check_columns(spec, raw[0])
+def to_pairs(spec: SourceSpec, raw: Dataset, seed: int, num_proc: int = 1) -> tuple[Dataset, int]:
+    """Map a raw source to anchor/positive[/negative] texts in one batched pass (parsing, column paths, cleaning,
+    dropping rows with an empty text), Arrow in and out, so no more than a batch is ever held in Python; returns
+    (pairs, rows dropped for empty text)."""
+    _check_columns(spec, _batch_rows(raw[:1])[0])
     procs = num_proc if num_proc > 1 and len(raw) >= 10_000 * num_proc else None  # small sources: no pool start-up
-    if isinstance(raw, list):
-        pairs = Dataset.from_dict(_extract_rows(raw, list(range(len(raw))), spec, seed))
-    else:
-        pairs = raw.map(
-            _extract_batch,
-            batched=True,
-            with_indices=True,
-            remove_columns=raw.column_names,
-            fn_kwargs={"spec": spec, "seed": seed},
-            num_proc=procs,
-            desc=f"columns {spec.name}",
-        )
-    kept = pairs.filter(
-        _has_texts, batched=True, fn_kwargs={"columns": spec.columns}, num_proc=procs, desc=f"drop empty {spec.name}"
+    pairs = raw.select_columns(_top_level_columns(spec, raw)).map(
+        _extract_batch,
+        batched=True,
+        with_indices=True,
+        remove_columns=_top_level_columns(spec, raw),
+        features=Features({c: Value("string") for c in spec.columns}),
+        fn_kwargs={"spec": spec, "seed": seed},
+        num_proc=procs,
+        desc=f"columns {spec.name}",
     )
-    dropped = len(pairs) - len(kept)
-    if len(kept) == 0:
+    dropped = len(raw) - len(pairs)
+    if len(pairs) == 0:
         raise UserError(
-            f"source {spec.name!r}: all {len(pairs)} rows have an empty anchor/positive/negative text; "
+            f"source {spec.name!r}: all {len(raw)} rows have an empty anchor/positive/negative text; "
             "check its column mapping in the mixture registry"
         )
     if dropped:
-        logger.warning("source %s: dropped %d of %d rows with empty texts", spec.name, dropped, len(pairs))
-    return kept, dropped
+        logger.warning("source %s: dropped %d of %d rows with empty texts", spec.name, dropped, len(raw))
+    return pairs, dropped
 
 
 def replay_indices(size: int, rows: int | None, seed: int, name: str) -> list[int]:
@@ -200,7 +205,7 @@ def _replay_pairs(spec: SourceSpec, mirror: Mirror, nrows, seed, work_dir: Path,
         member_dir = work_dir / f"member-{i:04d}"
         raw = load_raw(member, mirror, nrows, member_dir, num_proc)
         chosen = replay_indices(len(raw), spec.rows_per_source, seed, member.name)
-        raw = [raw[j] for j in chosen] if isinstance(raw, list) else raw.select(chosen)
+        raw = raw.select(chosen)
         pairs, n_dropped = to_pairs(member, raw, seed, num_proc)
         part = work_dir / f"part-{i:04d}"
         pairs.select_columns(["anchor", "positive"]).save_to_disk(str(part))
