@@ -12,6 +12,7 @@ and marked complete last; other ranks wait at a barrier and read it. A folder wi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import json
 import logging
@@ -79,22 +80,28 @@ def load_raw(spec: SourceSpec, mirror: Mirror, nrows: int | None, work_dir: Path
 _PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
+@functools.lru_cache(maxsize=256)
+def _path_tokens(path: str) -> tuple[str | int, ...]:
+    """`positives.docs[0]` -> ("positives", "docs", 0): parsed once per path, not once per row."""
+    return tuple(key or int(index) for key, index in _PATH_TOKEN.findall(path))
+
+
 def resolve_path(row: dict[str, Any], path: str) -> Any:
     """Value at a column path such as `text`, `texts[1]` or `positives.docs[0]`; KeyError if absent."""
     value: Any = row
-    for key, index in _PATH_TOKEN.findall(path):
-        if key:
-            if not isinstance(value, dict) or key not in value:
-                raise KeyError(key)
-            value = value[key]
-        else:
-            if not isinstance(value, (list, tuple)) or int(index) >= len(value):
-                raise KeyError(f"[{index}]")
-            value = value[int(index)]
+    for token in _path_tokens(path):
+        if isinstance(token, str):
+            if not isinstance(value, dict) or token not in value:
+                raise KeyError(token)
+        elif not isinstance(value, (list, tuple)) or token >= len(value):
+            raise KeyError(f"[{token}]")
+        value = value[token]
     return value
 
 
 def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
     if value is None:
         return ""
     if isinstance(value, (list, tuple)):
@@ -129,28 +136,33 @@ def _batch_rows(batch: dict[str, list]) -> list[dict[str, Any]]:
     return [dict(zip(batch, values)) for values in zip(*batch.values())]
 
 
+def _value_or_empty(row: dict[str, Any], path: str) -> Any:
+    try:
+        return resolve_path(row, path)
+    except KeyError:
+        return ""  # a ragged row (e.g. one text in `texts`) counts as empty and is dropped
+
+
+def _pair_from_list(row: dict[str, Any], column: str, seed: int, index: int) -> list:
+    members = [m for m in (row.get(column) or []) if _as_text(m).strip()]
+    # Seeded per row, so the pair drawn does not depend on batching or worker count.
+    return random.Random(f"{seed}:{index}").sample(members, 2) if len(members) >= 2 else ["", ""]
+
+
 def _extract_batch(batch: dict[str, list], indices: list[int], spec: SourceSpec, seed: int) -> dict[str, list[str]]:
     """anchor/positive[/negative] texts of a batch of raw rows, cleaned; rows with an empty text are left out."""
-    out: dict[str, list[str]] = {c: [] for c in spec.columns}
+    paths = list(spec.column_paths.values())
+    out: list[list[str]] = [[] for _ in paths]
     for row, index in zip(_batch_rows(batch), indices):
         if spec.pair_from_list:
-            members = [m for m in (row.get(spec.pair_from_list) or []) if _as_text(m).strip()]
-            # Seeded per row, so the pair drawn does not depend on batching or worker count.
-            pair = random.Random(f"{seed}:{index}").sample(members, 2) if len(members) >= 2 else ["", ""]
-            texts = dict(zip(("anchor", "positive"), pair))
+            values = _pair_from_list(row, spec.pair_from_list, seed, index)
         else:
-            paths = spec.column_paths
-            texts = {}
-            for column in spec.columns:
-                try:
-                    texts[column] = resolve_path(row, paths[column])
-                except KeyError:
-                    texts[column] = ""  # a ragged row (e.g. one text in `texts`) counts as empty and is dropped
-        cleaned = [_clean(_as_text(texts[column]), spec.clean) for column in spec.columns]
-        if all(cleaned):
-            for column, text in zip(spec.columns, cleaned):
-                out[column].append(text)
-    return out
+            values = [_value_or_empty(row, path) for path in paths]
+        texts = [_clean(_as_text(value), spec.clean) for value in values]
+        if all(texts):
+            for column, text in zip(out, texts):
+                column.append(text)
+    return dict(zip(spec.columns, out))
 
 
 def _top_level_columns(spec: SourceSpec, raw: Dataset) -> list[str]:
