@@ -64,9 +64,11 @@ def load_raw(spec: SourceSpec, mirror: Mirror, nrows: int | None, work_dir: Path
     (fetch.JSONL_TEXT; such rows may mix types Arrow cannot hold). Arrow files go to `work_dir`."""
     files = mirror.source_files(spec, nrows)
     if spec.fetch == "jsonl":
-        missing = [p for p in files.paths if not p.exists()]
-        if not files.paths or missing:
-            raise UserError(f"source {spec.name!r}: file not found: {missing[0] if missing else spec.local_path()}")
+        if not files.paths:
+            raise UserError(f"source {spec.name!r}: no file matches {spec.local_path()}")
+        missing = next((p for p in files.paths if not p.exists()), None)
+        if missing:
+            raise UserError(f"source {spec.name!r}: file not found: {missing}")
         rows = read_jsonl_lines(files.paths, nrows, work_dir, f"source {spec.name!r}")
     else:
         rows = read_files(files, nrows, work_dir, num_proc)
