@@ -4,6 +4,11 @@ Each source becomes a Dataset with columns anchor, positive[, negative] (texts, 
 counted) plus a held-out validation split drawn with a fixed seed. Official hub test splits are never loaded:
 every source reads `split` (train by default) only.
 
+Memory: a source is never held in Python. Its rows are converted to Arrow files in the build's work folder (local
+JSON lines a chunk at a time, fetch.read_jsonl_lines; other files by `datasets`' builders), and one batched map
+turns them into the cache's texts; a build holds a batch, whatever the source's size. The work folder is deleted
+once the cache is written.
+
 Cache semantics: global rank 0 builds each source once into `<cache_dir>/<name>-<key>` (the key hashes the
 source spec, --nrows, --seed and the validation size), writing to a temporary folder that is renamed into place
 and marked complete last; other ranks wait at a barrier and read it. A folder without the marker is rebuilt.

@@ -22,7 +22,8 @@ The ways (registry field `fetch`):
   holds them as parquet, one folder per config (the config list is that revision's folders).
 - `pubmed_baseline`: NCBI's baseline (model_exploration/pubmed.py), md5-checked.
 - `kaggle`: the arXiv snapshot through the Kaggle API (credentials from .env).
-- `jsonl`: a local JSON-lines file (bundled sample, a user's own data); nothing to fetch.
+- `jsonl`: local JSON-lines files (bundled sample, a user's own data, mined negatives): one file or a glob, plain
+  or .gz; nothing to fetch.
 With `--nrows N`, a hub source is fetched as the first N rows of its first file (read through HTTP range requests),
 PubMed as its first file, and the manifest records `head_rows`, so a full run never mistakes a head for a source.
 """

@@ -60,11 +60,15 @@ class MiningSettings:
         )
 
 
-# Bytes per pair that sentence-transformers' mine_hard_negatives (6.2) holds beside embeddings and candidate
-# lists: its texts as Python strings (queries, passages; a pandas copy while it counts positives) and the triplets
-# it builds, ~2.5 times a pair's text bytes in all, plus its per-query dicts, lists and small tensors.
+# What sentence-transformers' mine_hard_negatives (6.2) holds, read off its code and checked against measured peaks
+# (README, "Mining at scale"): per pair, five float32 copies of an embedding (queries, corpus, the query and
+# positive copies that score the positives, the encoder's stacking copy; faiss' index adds one), three copies of
+# the candidate lists (range_max + 1 scores and ids per query), its texts as Python strings and the triplets it
+# builds (~2.5 times a pair's text bytes) and per-query dicts, lists and small tensors; plus the encoder's batches.
+EMBEDDING_COPIES = 5
 TEXT_COPIES = 2.5
 PER_PAIR_OBJECTS = 1500
+ENCODER_BYTES = 256 << 20
 MIN_CHUNK_PAIRS = 1000
 MAX_QUERY_BLOCK = 16384  # sentence-transformers' default faiss_batch_size
 
@@ -92,7 +96,7 @@ class MiningPlan:
 
     @property
     def peak(self) -> int:
-        return self.embeddings + self.candidates + self.texts + self.scores
+        return self.embeddings + self.candidates + self.texts + self.scores + ENCODER_BYTES
 
     def describe(self, source: str) -> str:
         parts = f"embeddings {_gb(self.embeddings)}, candidate lists {_gb(self.candidates)}, texts {_gb(self.texts)}"
@@ -103,7 +107,7 @@ class MiningPlan:
             if self.chunks == 1
             else f"{self.chunks} chunks of {self.chunk_pairs:,} pairs, each pair's negatives from its own chunk"
         )
-        holds = f"mining holds ~{_gb(self.peak)} ({parts}), budget {_gb(self.budget)}"
+        holds = f"mining holds ~{_gb(self.peak)} ({parts}, encoder {_gb(ENCODER_BYTES)}), budget {_gb(self.budget)}"
         return f"{source}: {self.pairs:,} pairs; {holds}: {how}"
 
 
@@ -114,25 +118,24 @@ def _gb(size: int) -> str:
 def plan_mining(
     pairs: int, text_bytes: float, dim: int, settings: MiningSettings, budget: int, faiss: bool
 ) -> MiningPlan:
-    """The chunk size whose estimated peak fits `budget` bytes (`text_bytes`: a pair's text, as Arrow holds it).
-    Per pair: embeddings of its query and passage (float32; plus the encoder's stacking copy, plus faiss' index),
-    candidate lists (range_max + 1 scores and ids per query, in three copies) and texts; with exact search, a
-    block of query x corpus scores gets a quarter of the budget."""
-    embedding_copies = 3 + faiss
+    """The chunk size whose estimated peak fits `budget` bytes (`text_bytes`: a pair's text, as Arrow holds it);
+    with exact search, the block of query x corpus scores gets a quarter of the budget."""
+    embeddings = (EMBEDDING_COPIES + faiss) * dim * 4
     candidates = 3 * (settings.range_max + 1) * 12
     texts = TEXT_COPIES * text_bytes + PER_PAIR_OBJECTS
-    per_pair = embedding_copies * dim * 4 + candidates + texts
-    room = budget if faiss else budget * 3 // 4
+    per_pair = embeddings + candidates + texts
+    room = (budget if faiss else budget * 3 // 4) - ENCODER_BYTES
     smallest = min(pairs, MIN_CHUNK_PAIRS)  # fewer candidates than this make weak negatives
     if room < smallest * per_pair:
+        needed = (smallest * per_pair + ENCODER_BYTES) * (1 if faiss else 4 / 3)
         raise UserError(
             f"--mining_memory_gb {budget / 1e9:g}: too small to mine {smallest} pairs at a time (they need "
-            f"{_gb(smallest * per_pair * budget // room)}); raise it"
+            f"{_gb(needed)}); raise it"
         )
     chunks = math.ceil(pairs * per_pair / room)
     chunk = math.ceil(pairs / chunks)  # equal chunks
     block = MAX_QUERY_BLOCK if faiss else max(1, min(MAX_QUERY_BLOCK, budget // 4 // (chunk * 4)))
-    return MiningPlan(pairs, chunk, block, embedding_copies * chunk * dim * 4, chunk * candidates, int(chunk * texts),
+    return MiningPlan(pairs, chunk, block, chunk * embeddings, chunk * candidates, int(chunk * texts),
                       0 if faiss else block * chunk * 4, budget)  # fmt: skip
 
 
@@ -148,8 +151,9 @@ def mine_source(train, model, settings: MiningSettings, plan: MiningPlan, dest: 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     rows, anchor_hashes = 0, []
-    # The embeddings are normalized, so the dot product is the cosine; with "cosine", sentence-transformers
-    # normalizes the whole corpus again for every block of queries, and the heap keeps those copies.
+    # The embeddings are normalized, so the dot product is the cosine. With "cosine", sentence-transformers
+    # normalizes the whole corpus again for every block of queries, and glibc's heap kept those copies (measured:
+    # 2 GB more for 20,000 pairs in blocks of 64 queries).
     similarity = model.similarity_fn_name
     model.similarity_fn_name = "dot" if similarity == "cosine" else similarity
     try:
