@@ -186,11 +186,12 @@ def to_pairs(spec: SourceSpec, raw: Dataset, seed: int, num_proc: int = 1) -> tu
     (pairs, rows dropped for empty text)."""
     _check_columns(spec, _batch_rows(raw[:1])[0])
     procs = num_proc if num_proc > 1 and len(raw) >= 10_000 * num_proc else None  # small sources: no pool start-up
-    pairs = raw.select_columns(_top_level_columns(spec, raw)).map(
+    read = _top_level_columns(spec, raw)
+    pairs = raw.select_columns(read).map(
         _extract_batch,
         batched=True,
         with_indices=True,
-        remove_columns=_top_level_columns(spec, raw),
+        remove_columns=read,
         features=Features({c: Value("string") for c in spec.columns}),
         fn_kwargs={"spec": spec, "seed": seed},
         num_proc=procs,

@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -581,7 +582,8 @@ def read_jsonl_lines(paths: list[Path], nrows: int | None, work_dir: Path, conte
 
     schema = pa.schema([(JSONL_TEXT, pa.string())])
     work_dir.mkdir(parents=True, exist_ok=True)
-    dest = work_dir / "jsonl_lines.arrow"
+    handle, dest = tempfile.mkstemp(prefix="jsonl-lines-", suffix=".arrow", dir=work_dir)  # never over a mapped one
+    os.close(handle)
     written = 0
     with pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
         for path in paths:
@@ -593,7 +595,7 @@ def read_jsonl_lines(paths: list[Path], nrows: int | None, work_dir: Path, conte
             while chunk := list(islice(rows, chunk_rows)):
                 writer.write_batch(pa.record_batch([pa.array(chunk, pa.string())], schema=schema))
                 written += len(chunk)
-    return Dataset.from_file(str(dest))
+    return Dataset.from_file(dest)
 
 
 def _checked_lines(path: Path, context: str) -> Iterator[str]:
