@@ -77,9 +77,9 @@ MAX_QUERY_BLOCK = 16384  # sentence-transformers' default faiss_batch_size
 class MiningPlan:
     """How one source is mined within a memory budget. Each call of mine_hard_negatives holds all of its pairs'
     embeddings, candidate lists and texts, so a source too large for the budget is mined in chunks of
-    `chunk_pairs` consecutive rows of its training split (a seeded shuffle of the source: each chunk is a random
-    sample), each pair's negatives drawn from its own chunk's passages. Exact search (no faiss) scores
-    `query_block` queries against the chunk's corpus at a time. Sizes are bytes, for one chunk."""
+    `chunk_pairs` rows, a seeded random partition of its training split (chunk_rows), each pair's negatives drawn
+    from its own chunk's passages. Exact search (no faiss) scores `query_block` queries against the chunk's corpus
+    at a time. Sizes are bytes, for one chunk."""
 
     pairs: int
     chunk_pairs: int
@@ -93,6 +93,12 @@ class MiningPlan:
     @property
     def chunks(self) -> int:
         return math.ceil(self.pairs / self.chunk_pairs)
+
+    def chunk_rows(self, seed: int) -> list[np.ndarray]:
+        """Each chunk's row numbers, in source order: random, not consecutive, rows, because the training split
+        keeps its source's order and sources are often grouped by topic or query."""
+        order = np.random.default_rng(seed).permutation(self.pairs)
+        return [np.sort(order[start : start + self.chunk_pairs]) for start in range(0, self.pairs, self.chunk_pairs)]
 
     @property
     def peak(self) -> int:
@@ -158,8 +164,8 @@ def mine_source(train, model, settings: MiningSettings, plan: MiningPlan, dest: 
     model.similarity_fn_name = "dot" if similarity == "cosine" else similarity
     try:
         with tmp.open("w", encoding="utf-8") as out:
-            for start in range(0, len(pairs), plan.chunk_pairs):
-                chunk = pairs.select(range(start, min(start + plan.chunk_pairs, len(pairs))))
+            chunks = [pairs] if plan.chunks == 1 else (pairs.select(rows) for rows in plan.chunk_rows(settings.seed))
+            for chunk in chunks:
                 mined = mine_hard_negatives(
                     chunk,
                     model,

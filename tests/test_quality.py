@@ -161,8 +161,8 @@ def test_mining_plan_fits_the_budget_and_says_what_it_holds():
 
 def test_a_source_over_the_mining_budget_is_mined_in_chunks_and_reads_back(tiny_model, tmp_path, caplog):
     """3,200 pairs under a budget that holds 40% of them: the plan is logged before mining, each pair's negative
-    comes from its own chunk of the training split, and the mined file builds its cache through the streamed
-    JSON-lines path."""
+    comes from its own chunk (a seeded random third of the training split), and the mined file builds its cache
+    through the streamed JSON-lines path."""
     from model_exploration.negatives import ENCODER_BYTES, MiningSettings, plan_mining
 
     words = "cell membrane protein kinase signal receptor enzyme lipid gene tumour cortex neuron".split()
@@ -191,7 +191,7 @@ def test_a_source_over_the_mining_budget_is_mined_in_chunks_and_reads_back(tiny_
     assert plan.chunks == stats["chunks"] == 3 and stats["pairs_per_chunk"] == plan.chunk_pairs
     assert "mining local: 3,180 pairs; mining holds ~" in caplog.text
     assert f"3 chunks of {plan.chunk_pairs:,} pairs, each pair's negatives from its own chunk" in caplog.text
-    chunk_of = {p: i // plan.chunk_pairs for i, p in enumerate(source.train["positive"])}
+    chunk_of = {source.train[int(row)]["positive"]: i for i, rows in enumerate(plan.chunk_rows(42)) for row in rows}
     rows = [json.loads(line) for line in (tmp_path / "mined" / "local_mined.jsonl").open()]
     assert len(rows) == stats["rows"] > 0 and {chunk_of[r["positive"]] for r in rows} == {0, 1, 2}
     assert all(chunk_of[r["negative"]] == chunk_of[r["positive"]] for r in rows)
