@@ -73,8 +73,8 @@ def test_data_scale_measures_every_build_and_extrapolates_from_them(tmp_path, ca
 def test_data_scale_reads_the_parquet_layout_and_times_the_first_training_step(tiny_model, tmp_path, capsys):
     report = tmp_path / "report.json"
     _script("data_scale").main(["--rows", "1000", "--layouts", "parquet", "--model", str(tiny_model), "--num_proc",
-                                "1", "--first_step_repeats", "2", "--work_dir", str(tmp_path), "--json", str(report)])  # fmt: skip
+                                "1", "--first_step_repeats", "1", "--work_dir", str(tmp_path), "--json", str(report)])  # fmt: skip
     (measured,) = json.loads(report.read_text())["rows"]
     assert f"| parquet | 1,000 | {measured['rows_per_s']:,.0f} |" in capsys.readouterr().out
     assert (measured["layout"], measured["rows"]) == ("parquet", 1000) and measured["cache_bytes"] > 0
-    assert len(measured["first_step_all_s"]) == 2 and 0 < measured["first_step_s"] == min(measured["first_step_all_s"])
+    assert 0 < measured["first_step_s"] and measured["first_step_all_s"] == [measured["first_step_s"]]
