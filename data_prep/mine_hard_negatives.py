@@ -9,15 +9,20 @@ on), mines with sentence-transformers' mine_hard_negatives (model_exploration/ne
 writes, under --out: `<source>_mined.jsonl` (anchor, positive, negative[_1..k]), `<source>_mined.json` (statistics
 and settings) and `mixture.yaml`, the mixture with each mined pair source replaced by its triplet source (same
 weight; other sources and the Stage-1 replay unchanged). `--dry_run` on that mixture shows how each was mined.
+Before each source it logs the memory mining will hold (embeddings, candidate lists, texts); a source that needs
+more than --mining_memory_gb is mined in chunks, and the output is written as it is mined.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import sys
 import time
 from pathlib import Path
+
+import psutil
 
 from model_exploration import cli, tracking, unpadded
 from model_exploration.data import load_and_cache_datasets
@@ -28,6 +33,8 @@ from model_exploration.negatives import (
     DEFAULT_RELATIVE_MARGIN,
     MiningSettings,
     mine_source,
+    mined_file,
+    plan_mining,
     write_mined,
     write_mixture,
 )
@@ -48,6 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_negatives", type=int, default=DEFAULT_NUM_NEGATIVES, help="negatives per pair")
     g.add_argument("--range_max", type=int, default=50, help="candidates considered per anchor (nearest first)")
     g.add_argument("--mining_batch_size", type=int, default=64, help="texts per encoding batch while mining")
+    g.add_argument("--mining_memory_gb", type=float, default=None,
+                   help="host memory mining may hold; a source whose embeddings, candidates and texts need more is "
+                   "mined in chunks, each pair's negatives drawn from its own chunk (default: 3/4 of the memory "
+                   "available at start)")  # fmt: skip
     return parser
 
 
@@ -74,6 +85,7 @@ def run(argv: list[str] | None) -> Path:
     if args.model_max_len:
         set_max_len(model, args.model_max_len)
     unpadded.enable_unpadded(model)
+    budget = int(args.mining_memory_gb * 1e9) if args.mining_memory_gb else psutil.virtual_memory().available * 3 // 4
     entries = []
     for source in sources:
         name = source.spec.name
@@ -82,15 +94,19 @@ def run(argv: list[str] | None) -> Path:
         if not wanted:
             entries.append(registry_entry(source.spec))
             continue
+        texts = source.train.select_columns(["anchor", "positive"])
+        plan = plan_mining(len(texts), texts.data.nbytes / len(texts), model.get_embedding_dimension(), settings,
+                           budget, faiss=importlib.util.find_spec("faiss") is not None)  # fmt: skip
+        logger.info("mining %s", plan.describe(name))
         started = time.perf_counter()
-        rows, stats = mine_source(source.train, model, settings)
+        stats = mine_source(source.train, model, settings, plan, mined_file(args.out, source.spec))
         stats["seconds"] = round(time.perf_counter() - started, 1)
-        if not rows:  # nothing passed the guard: the pairs stay as they are
+        if not stats["rows"]:  # nothing passed the guard: the pairs stay as they are
             logger.warning("%s: no candidate passed the guard (relative margin %s); kept as pairs",
                            source.spec.name, settings.relative_margin)  # fmt: skip
             entries.append(registry_entry(source.spec))
             continue
-        entries.append(write_mined(args.out, source.spec, rows, stats, settings))
+        entries.append(write_mined(args.out, source.spec, stats, settings))
     replay = next((s for s in specs if s.replay_of), None)
     replay_section = (
         {

@@ -5,6 +5,11 @@ counted) plus a held-out validation split drawn with a fixed seed. A source read
 lists (`splits`, train by default), concatenated in that order; the rows each split gave are recorded with the
 cache.
 
+Memory: a source is never held in Python. Its rows are converted to Arrow files in the build's work folder (local
+JSON lines a chunk at a time, fetch.read_jsonl_lines; other files by `datasets`' builders), and one batched map
+turns them into the cache's texts; a build holds a batch, whatever the source's size. The work folder is deleted
+once the cache is written.
+
 Cache semantics: global rank 0 builds each source once into `<cache_dir>/<name>-<key>` (the key hashes the
 source spec, --nrows, --seed and the validation size), writing to a temporary folder that is renamed into place
 and marked complete last; other ranks wait at a barrier and read it. A folder without the marker is rebuilt.
@@ -13,6 +18,7 @@ and marked complete last; other ranks wait at a barrier and read it. A folder wi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import html
 import json
 import logging
@@ -26,17 +32,18 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from datasets import Dataset, DatasetDict, concatenate_datasets, load_from_disk
+import numpy as np
+from datasets import Dataset, DatasetDict, Features, Value, concatenate_datasets, load_from_disk
 
 from model_exploration import distributed
 from model_exploration.errors import UserError
-from model_exploration.fetch import Mirror, default_root, iter_jsonl, read_files
+from model_exploration.fetch import JSONL_TEXT, Mirror, default_root, iter_jsonl, read_files, read_jsonl_lines
 from model_exploration.keys import short_hash
 from model_exploration.sources import SourceSpec
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: training rows in source order (_split_validation)
 COMPLETE_MARKER = "_COMPLETE.json"
 _XML_TAG = re.compile(r"<[^>]+>")
 _WHITESPACE = re.compile(r"\s+")
@@ -60,9 +67,10 @@ def read_jsonl(path: Path, context: str, nrows: int | None = None) -> list[dict[
     return list(islice(iter_jsonl(path, context), nrows))
 
 
-def load_raw(spec: SourceSpec, mirror: Mirror, nrows: int | None, work_dir: Path, num_proc: int = 1):
-    """A source's rows with their real columns: a Dataset, or parsed rows for local JSON lines (which may mix
-    types Arrow cannot hold). Several hub splits are concatenated in the registry's order."""
+def load_raw(spec: SourceSpec, mirror: Mirror, nrows: int | None, work_dir: Path, num_proc: int = 1) -> Dataset:
+    """A source's rows as an Arrow-backed Dataset: its real columns, or, for local JSON lines, each line as text
+    (fetch.JSONL_TEXT; such rows may mix types Arrow cannot hold). Several hub splits are concatenated in the
+    registry's order. Arrow files go to `work_dir`."""
     return load_raw_splits(spec, mirror, nrows, work_dir, num_proc)[0]
 
 
@@ -70,12 +78,15 @@ def load_raw_splits(spec: SourceSpec, mirror: Mirror, nrows: int | None, work_di
     """(rows, {split: rows it gave}) of a source; with `nrows`, the first `nrows` of each split (a smoke test reads
     every split the full run will)."""
     if spec.fetch == "jsonl":
-        path = mirror.source_files(spec, nrows).paths[0]
-        if not path.exists():
-            raise UserError(f"source {spec.name!r}: file not found: {path}")
-        rows = read_jsonl(path, f"source {spec.name!r}", nrows)
-        if not rows:
-            raise UserError(f"source {spec.name!r}: no rows in {path}")
+        files = mirror.source_files(spec, nrows)
+        if not files.paths:
+            raise UserError(f"source {spec.name!r}: no file matches {spec.local_path()}")
+        missing = next((p for p in files.paths if not p.exists()), None)
+        if missing:
+            raise UserError(f"source {spec.name!r}: file not found: {missing}")
+        rows = read_jsonl_lines(files.paths, nrows, work_dir, f"source {spec.name!r}")
+        if len(rows) == 0:
+            raise UserError(f"source {spec.name!r}: no rows in {files.paths[0]}")
         return rows, {}
     parts, counts = [], {}
     for member in mirror.split_members(spec):
@@ -103,22 +114,28 @@ def load_raw_splits(spec: SourceSpec, mirror: Mirror, nrows: int | None, work_di
 _PATH_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
 
+@functools.lru_cache(maxsize=256)
+def _path_tokens(path: str) -> tuple[str | int, ...]:
+    """`positives.docs[0]` -> ("positives", "docs", 0): parsed once per path, not once per row."""
+    return tuple(key or int(index) for key, index in _PATH_TOKEN.findall(path))
+
+
 def resolve_path(row: dict[str, Any], path: str) -> Any:
     """Value at a column path such as `text`, `texts[1]` or `positives.docs[0]`; KeyError if absent."""
     value: Any = row
-    for key, index in _PATH_TOKEN.findall(path):
-        if key:
-            if not isinstance(value, dict) or key not in value:
-                raise KeyError(key)
-            value = value[key]
-        else:
-            if not isinstance(value, (list, tuple)) or int(index) >= len(value):
-                raise KeyError(f"[{index}]")
-            value = value[int(index)]
+    for token in _path_tokens(path):
+        if isinstance(token, str):
+            if not isinstance(value, dict) or token not in value:
+                raise KeyError(token)
+        elif not isinstance(value, (list, tuple)) or token >= len(value):
+            raise KeyError(f"[{token}]")
+        value = value[token]
     return value
 
 
 def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
     if value is None:
         return ""
     if isinstance(value, (list, tuple)):
@@ -146,36 +163,49 @@ def _check_columns(spec: SourceSpec, first: dict[str, Any], where: str = "") -> 
             ) from None
 
 
+def _batch_rows(batch: dict[str, list]) -> list[dict[str, Any]]:
+    """A batch's rows as dicts: zipped from its columns, or parsed from their JSON lines (checked when read)."""
+    if JSONL_TEXT in batch:
+        return [json.loads(text) for text in batch[JSONL_TEXT]]
+    return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+
+def _value_or_empty(row: dict[str, Any], path: str) -> Any:
+    try:
+        return resolve_path(row, path)
+    except KeyError:
+        return ""  # a ragged row (e.g. one text in `texts`) counts as empty and is dropped
+
+
+def _pair_from_list(row: dict[str, Any], column: str, seed: int, index: int) -> list:
+    members = [m for m in (row.get(column) or []) if _as_text(m).strip()]
+    # Seeded per row, so the pair drawn does not depend on batching or worker count. A single member is paired
+    # with itself, as the original did (README, "Data mixtures": why that is kept).
+    return random.Random(f"{seed}:{index}").sample(members, 2) if len(members) >= 2 else (members * 2 or ["", ""])
+
+
 def _extract_batch(batch: dict[str, list], indices: list[int], spec: SourceSpec, seed: int) -> dict[str, list[str]]:
-    return _extract_rows([dict(zip(batch, values)) for values in zip(*batch.values())], indices, spec, seed)
-
-
-def _extract_rows(rows: list[dict[str, Any]], indices: list[int], spec: SourceSpec, seed: int) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {c: [] for c in spec.columns}
-    for row, index in zip(rows, indices):
+    """anchor/positive[/negative] texts of a batch of raw rows, cleaned; rows with an empty text are left out."""
+    paths = list(spec.column_paths.values())
+    out: list[list[str]] = [[] for _ in paths]
+    for row, index in zip(_batch_rows(batch), indices):
         if spec.pair_from_list:
-            members = [m for m in (row.get(spec.pair_from_list) or []) if _as_text(m).strip()]
-            # Seeded per row, so the pair drawn does not depend on batching or worker count. A single member is
-            # paired with itself, as the original did (README, "Data mixtures": why that is kept).
-            pair = (
-                random.Random(f"{seed}:{index}").sample(members, 2) if len(members) >= 2 else (members * 2 or ["", ""])
-            )
-            texts = dict(zip(("anchor", "positive"), pair))
+            values = _pair_from_list(row, spec.pair_from_list, seed, index)
         else:
-            paths = spec.column_paths
-            texts = {}
-            for column in spec.columns:
-                try:
-                    texts[column] = resolve_path(row, paths[column])
-                except KeyError:
-                    texts[column] = ""  # a ragged row (e.g. one text in `texts`) counts as empty and is dropped
-        for column in spec.columns:
-            out[column].append(_clean(_as_text(texts[column]), spec.clean))
-    return out
+            values = [_value_or_empty(row, path) for path in paths]
+        texts = [_clean(_as_text(value), spec.clean) for value in values]
+        if all(texts):
+            for column, text in zip(out, texts):
+                column.append(text)
+    return dict(zip(spec.columns, out))
 
 
-def _has_texts(batch: dict[str, list[str]], columns: list[str]) -> list[bool]:
-    return [all(texts) for texts in zip(*(batch[c] for c in columns))]
+def _top_level_columns(spec: SourceSpec, raw: Dataset) -> list[str]:
+    """The raw columns the column paths read (all of a local source's): the map converts only these to Python."""
+    if raw.column_names == [JSONL_TEXT]:
+        return raw.column_names
+    paths = [spec.pair_from_list] if spec.pair_from_list else spec.column_paths.values()
+    return sorted({_PATH_TOKEN.match(path).group(1) for path in paths})
 
 
 def _self_pairs(pairs: Dataset) -> int:
@@ -187,39 +217,35 @@ def _self_pairs(pairs: Dataset) -> int:
     return int(pc.sum(same).as_py() or 0)
 
 
-def to_pairs(
-    spec: SourceSpec, raw: Dataset | list[dict[str, Any]], seed: int, num_proc: int = 1
-) -> tuple[Dataset, int]:
-    """Map a raw source to anchor/positive[/negative] texts; returns (pairs, rows dropped for empty text)."""
-    _check_columns(spec, raw[0])
+def to_pairs(spec: SourceSpec, raw: Dataset, seed: int, num_proc: int = 1) -> tuple[Dataset, int]:
+    """Map a raw source to anchor/positive[/negative] texts in one batched pass (parsing, column paths, cleaning,
+    dropping rows with an empty text), Arrow in and out, so no more than a batch is ever held in Python; returns
+    (pairs, rows dropped for empty text)."""
+    _check_columns(spec, _batch_rows(raw[:1])[0])
     procs = num_proc if num_proc > 1 and len(raw) >= 10_000 * num_proc else None  # small sources: no pool start-up
-    if isinstance(raw, list):
-        pairs = Dataset.from_dict(_extract_rows(raw, list(range(len(raw))), spec, seed))
-    else:
-        pairs = raw.map(
-            _extract_batch,
-            batched=True,
-            with_indices=True,
-            remove_columns=raw.column_names,
-            fn_kwargs={"spec": spec, "seed": seed},
-            num_proc=procs,
-            desc=f"columns {spec.name}",
-        )
+    read = _top_level_columns(spec, raw)
+    pairs = raw.select_columns(read).map(
+        _extract_batch,
+        batched=True,
+        with_indices=True,
+        remove_columns=read,
+        features=Features({c: Value("string") for c in spec.columns}),
+        fn_kwargs={"spec": spec, "seed": seed},
+        num_proc=procs,
+        desc=f"columns {spec.name}",
+    )
     if spec.pair_from_list:
         logger.info("source %s: %d of %d rows are one-member sets, paired with themselves", spec.name,
                     _self_pairs(pairs), len(pairs))  # fmt: skip
-    kept = pairs.filter(
-        _has_texts, batched=True, fn_kwargs={"columns": spec.columns}, num_proc=procs, desc=f"drop empty {spec.name}"
-    )
-    dropped = len(pairs) - len(kept)
-    if len(kept) == 0:
+    dropped = len(raw) - len(pairs)
+    if len(pairs) == 0:
         raise UserError(
-            f"source {spec.name!r}: all {len(pairs)} rows have an empty anchor/positive/negative text; "
+            f"source {spec.name!r}: all {len(raw)} rows have an empty anchor/positive/negative text; "
             "check its column mapping in the mixture registry"
         )
     if dropped:
-        logger.warning("source %s: dropped %d of %d rows with empty texts", spec.name, dropped, len(pairs))
-    return kept, dropped
+        logger.warning("source %s: dropped %d of %d rows with empty texts", spec.name, dropped, len(raw))
+    return pairs, dropped
 
 
 def replay_indices(size: int, rows: int | None, seed: int, name: str) -> list[int]:
@@ -239,7 +265,7 @@ def _replay_pairs(spec: SourceSpec, mirror: Mirror, nrows, seed, work_dir: Path,
         member_dir = work_dir / f"member-{i:04d}"
         raw = load_raw(member, mirror, nrows, member_dir, num_proc)
         chosen = replay_indices(len(raw), spec.rows_per_source, seed, member.name)
-        raw = [raw[j] for j in chosen] if isinstance(raw, list) else raw.select(chosen)
+        raw = raw.select(chosen)
         pairs, n_dropped = to_pairs(member, raw, seed, num_proc)
         part = work_dir / f"part-{i:04d}"
         pairs.select_columns(["anchor", "positive"]).save_to_disk(str(part))
@@ -271,12 +297,17 @@ def cache_path_for(cache_dir: Path, spec: SourceSpec, nrows: int | None, seed: i
 
 
 def _split_validation(pairs: Dataset, max_eval: int, seed: int) -> tuple[Dataset, Dataset]:
-    """Hold out up to `max_eval` rows (never more than a tenth of the source); 0 means no validation."""
+    """Hold out up to `max_eval` rows drawn with `seed` (never more than a tenth of the source); 0 means no
+    validation. The training rows keep their source order (the sampler shuffles them every epoch) as contiguous
+    runs of the mapped file, so the cache is written by sequential reads: a shuffled split made one random read
+    per row, which a source larger than the page cache turns into hours."""
     n_eval = min(max_eval, len(pairs) // 10)
     if n_eval <= 0:
         return pairs, pairs.select([])
-    split = pairs.train_test_split(test_size=n_eval, seed=seed, shuffle=True)
-    return split["train"], split["test"]
+    held_out = np.sort(np.random.default_rng(seed).choice(len(pairs), n_eval, replace=False))
+    bounds = [-1, *held_out.tolist(), len(pairs)]
+    runs = [pairs.select(range(start + 1, stop)) for start, stop in zip(bounds, bounds[1:]) if stop > start + 1]
+    return concatenate_datasets(runs), pairs.select(held_out)
 
 
 def _publish(tmp: Path, path: Path) -> None:

@@ -23,7 +23,8 @@ The ways (registry field `fetch`):
   holds them as parquet, one folder per config (the config list is that revision's folders).
 - `pubmed_baseline`: NCBI's baseline (model_exploration/pubmed.py), md5-checked.
 - `kaggle`: the arXiv snapshot through the Kaggle API (credentials from .env).
-- `jsonl`: a local JSON-lines file (bundled sample, a user's own data); nothing to fetch.
+- `jsonl`: local JSON-lines files (bundled sample, a user's own data, mined negatives): one file or a glob, plain
+  or .gz; nothing to fetch.
 A hub source reads one file set per split of its `splits` (one manifest each), concatenated in that order by
 data.py; `splits: all` takes every split the repo serves, listed when first fetched and recorded in the mirror.
 With `--nrows N`, a hub source is fetched as the first N rows of its first file (read through HTTP range requests),
@@ -39,6 +40,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -151,6 +153,9 @@ class Mirror:
         """Lines for a dry run, read from the mirror only: where the source sits and whether it is there, one line
         per split, with the split's rows where its files say without reading the data (parquet footers)."""
         if spec.reads_local_file:
+            paths = spec.local_paths()
+            if paths != [spec.local_path()]:  # a glob
+                return [f"local files {spec.local_path()}: " + (f"{len(paths)} file(s)" if paths else "none matches")]
             return [f"local file {spec.local_path()}" + ("" if spec.local_path().exists() else " (MISSING)")]
         if spec.expand_configs:
             listing = self.root / hub_checkout(spec.hub, export=True) / CONFIGS_FILE
@@ -205,7 +210,7 @@ class Mirror:
     def source_files(self, spec: SourceSpec, nrows: int | None = None) -> FileSet:
         """The files of a source split, fetched first when this mirror may fetch and they are missing."""
         if spec.fetch == "jsonl":
-            return FileSet("json", [spec.local_path()])
+            return FileSet("json", spec.local_paths())
         if spec.fetch == "kaggle" and spec.data_files:  # --arxiv_path: a snapshot downloaded by hand
             if not spec.local_path().exists():
                 raise UserError(
@@ -620,14 +625,67 @@ def iter_jsonl(path: str | Path, context: str) -> Iterator[dict[str, Any]]:
     path = Path(path)
     with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                yield parse_json_line(line, path, lineno, context)
+
+
+def parse_json_line(line: str, path: str | Path, lineno: int, context: str) -> Any:
+    """One JSON line, or a one-line UserError naming `context`, the file and the line number."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{context}: malformed JSON at {path}:{lineno} ({exc.msg}); fix or remove that line") from None
+
+
+# A local JSON-lines source in Arrow: one column, each row's line as text. Kept as text because users' rows may mix
+# types that one Arrow column cannot hold (a text here, a list of texts there); the column map (data.to_pairs)
+# parses them again a batch at a time (json.loads is ~2 us for a 1 KB line).
+JSONL_TEXT = "_jsonl_text"
+
+
+def read_jsonl_lines(paths: list[Path], nrows: int | None, work_dir: Path, context: str, chunk_rows: int = 10_000):
+    """The rows of JSON-lines files (plain or .gz, in the order given; the first `nrows` if given) as a
+    memory-mapped `datasets.Dataset` of their lines, written to `work_dir` `chunk_rows` lines at a time, so a
+    process holds one chunk whatever the files' size; only the head is read with `nrows`. Every line is checked
+    here, so a malformed one fails before anything is built, naming `context`, the file and the line number."""
+    import pyarrow as pa
+    from datasets import Dataset
+
+    schema = pa.schema([(JSONL_TEXT, pa.string())])
+    work_dir.mkdir(parents=True, exist_ok=True)
+    handle, dest = tempfile.mkstemp(prefix="jsonl-lines-", suffix=".arrow", dir=work_dir)  # never over a mapped one
+    os.close(handle)
+    written = 0
+    with pa.OSFile(str(dest), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        for path in paths:
+            if written == nrows:
+                break
+            rows = _checked_lines(path, context)
+            if nrows is not None:
+                rows = islice(rows, nrows - written)
+            while chunk := list(islice(rows, chunk_rows)):
+                writer.write_batch(pa.record_batch([pa.array(chunk, pa.string())], schema=schema))
+                written += len(chunk)
+    return Dataset.from_file(dest)
+
+
+def _checked_lines(path: Path, context: str) -> Iterator[str]:
+    """The non-empty lines of a JSON-lines file, each checked to be UTF-8 text holding one JSON object."""
+    with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
+        for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
-            except json.JSONDecodeError as exc:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{context}: not UTF-8 text at {path}:{lineno}; re-encode the file as UTF-8") from None
+            row = parse_json_line(text, path, lineno, context)
+            if not isinstance(row, dict):
                 raise UserError(
-                    f"{context}: malformed JSON at {path}:{lineno} ({exc.msg}); fix or remove that line"
-                ) from None
+                    f"{context}: expected a JSON object at {path}:{lineno}, found {type(row).__name__}; "
+                    "each line must be one row"
+                )
+            yield text
 
 
 def _arxiv_rows(paths: list[str], limit: int | None = None):

@@ -13,7 +13,10 @@ validation rows never become training data), the defaults, seeding, and the outp
   (a triplet source, like msmarco and specter); with k > 1 the source has columns negative_1..k;
 - seed: Python / NumPy / torch seeded before mining, and the output is in the source's row order;
 - model: the model being trained by default (the miner should agree with the trainee about what is close), on the
-  GPU when there is one, with faiss when it is installed (exact search otherwise).
+  GPU when there is one, with faiss when it is installed (exact search otherwise);
+- memory: one mine_hard_negatives call holds every embedding, candidate list and text of the pairs it mines, so
+  a source is mined in chunks that fit a budget (MiningPlan, stated before it starts), and the output is written
+  as it is mined.
 Rows for which no candidate passes the guard are dropped and counted (sentence-transformers reports them).
 """
 
@@ -23,10 +26,14 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import math
+import os
 from pathlib import Path
 
+import numpy as np
 import yaml
 
+from model_exploration.errors import UserError
 from model_exploration.reporting import write_atomic
 from model_exploration.sources import SourceSpec
 
@@ -53,30 +60,144 @@ class MiningSettings:
         )
 
 
-def mine_source(train, model, settings: MiningSettings) -> tuple[list[dict], dict]:
-    """Triplets (or n-tuples) for the (anchor, positive) rows of `train`, and mining statistics."""
+# What sentence-transformers' mine_hard_negatives (6.2) holds, read off its code and checked against measured peaks
+# (README, "Mined hard negatives"): per pair, five float32 copies of an embedding (queries, corpus, the query and
+# positive copies that score the positives, the encoder's stacking copy; faiss' index adds one), three copies of
+# the candidate lists (range_max + 1 scores and ids per query), its texts as Python strings and the triplets it
+# builds (~2.5 times a pair's text bytes) and per-query dicts, lists and small tensors; plus the encoder's batches.
+EMBEDDING_COPIES = 5
+TEXT_COPIES = 2.5
+PER_PAIR_OBJECTS = 1500
+ENCODER_BYTES = 256 << 20
+MIN_CHUNK_PAIRS = 1000
+MAX_QUERY_BLOCK = 16384  # sentence-transformers' default faiss_batch_size
+
+
+@dataclasses.dataclass(frozen=True)
+class MiningPlan:
+    """How one source is mined within a memory budget. Each call of mine_hard_negatives holds all of its pairs'
+    embeddings, candidate lists and texts, so a source too large for the budget is mined in chunks of
+    `chunk_pairs` rows, a seeded random partition of its training split (chunk_rows), each pair's negatives drawn
+    from its own chunk's passages. Exact search (no faiss) scores `query_block` queries against the chunk's corpus
+    at a time. Sizes are bytes, for one chunk."""
+
+    pairs: int
+    chunk_pairs: int
+    query_block: int
+    embeddings: int
+    candidates: int
+    texts: int
+    scores: int
+    budget: int
+
+    @property
+    def chunks(self) -> int:
+        return math.ceil(self.pairs / self.chunk_pairs)
+
+    def chunk_rows(self, seed: int) -> list[np.ndarray]:
+        """Each chunk's row numbers, in source order: random, not consecutive, rows, because the training split
+        keeps its source's order and sources are often grouped by topic or query."""
+        order = np.random.default_rng(seed).permutation(self.pairs)
+        return [np.sort(order[start : start + self.chunk_pairs]) for start in range(0, self.pairs, self.chunk_pairs)]
+
+    @property
+    def peak(self) -> int:
+        return self.embeddings + self.candidates + self.texts + self.scores + ENCODER_BYTES
+
+    def describe(self, source: str) -> str:
+        parts = f"embeddings {_gb(self.embeddings)}, candidate lists {_gb(self.candidates)}, texts {_gb(self.texts)}"
+        if self.scores:
+            parts += f", exact-search scores {_gb(self.scores)}"
+        how = (
+            "one pass"
+            if self.chunks == 1
+            else f"{self.chunks} chunks of {self.chunk_pairs:,} pairs, each pair's negatives from its own chunk"
+        )
+        holds = f"mining holds ~{_gb(self.peak)} ({parts}, encoder {_gb(ENCODER_BYTES)}), budget {_gb(self.budget)}"
+        return f"{source}: {self.pairs:,} pairs; {holds}: {how}"
+
+
+def _gb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB"
+
+
+def plan_mining(
+    pairs: int, text_bytes: float, dim: int, settings: MiningSettings, budget: int, faiss: bool
+) -> MiningPlan:
+    """The chunk size whose estimated peak fits `budget` bytes (`text_bytes`: a pair's text, as Arrow holds it);
+    with exact search, the block of query x corpus scores gets a quarter of the budget."""
+    embeddings = (EMBEDDING_COPIES + faiss) * dim * 4
+    candidates = 3 * (settings.range_max + 1) * 12
+    texts = TEXT_COPIES * text_bytes + PER_PAIR_OBJECTS
+    per_pair = embeddings + candidates + texts
+    room = (budget if faiss else budget * 3 // 4) - ENCODER_BYTES
+    smallest = min(pairs, MIN_CHUNK_PAIRS)  # fewer candidates than this make weak negatives
+    if room < smallest * per_pair:
+        needed = (smallest * per_pair + ENCODER_BYTES) * (1 if faiss else 4 / 3)
+        raise UserError(
+            f"--mining_memory_gb {budget / 1e9:g}: too small to mine {smallest} pairs at a time (they need "
+            f"{_gb(needed)}); raise it"
+        )
+    chunks = math.ceil(pairs * per_pair / room)
+    chunk = math.ceil(pairs / chunks)  # equal chunks
+    block = MAX_QUERY_BLOCK if faiss else max(1, min(MAX_QUERY_BLOCK, budget // 4 // (chunk * 4)))
+    return MiningPlan(pairs, chunk, block, chunk * embeddings, chunk * candidates, int(chunk * texts),
+                      0 if faiss else block * chunk * 4, budget)  # fmt: skip
+
+
+def mine_source(train, model, settings: MiningSettings, plan: MiningPlan, dest: Path) -> dict:
+    """Mine the (anchor, positive) rows of `train` chunk by chunk as `plan` says, appending each chunk's rows
+    (anchor, positive, negative[_1..k]) to `dest` as JSON lines; `dest` appears, whole, only if some row passed
+    the guard. Returns the mining statistics."""
     from sentence_transformers.util import mine_hard_negatives
     from transformers import set_seed
 
     set_seed(settings.seed)  # Python, NumPy and torch
     pairs = train.select_columns(["anchor", "positive"])
-    mined = mine_hard_negatives(
-        pairs,
-        model,
-        anchor_column_name="anchor",
-        positive_column_name="positive",
-        relative_margin=settings.relative_margin,
-        num_negatives=settings.num_negatives,
-        range_max=settings.range_max,
-        sampling_strategy="top",
-        output_format="triplet" if settings.num_negatives == 1 else "n-tuple",
-        batch_size=settings.batch_size,
-        use_faiss=importlib.util.find_spec("faiss") is not None,
-        verbose=True,
-    )
-    rows = mined.to_list()
-    stats = {"pairs": len(pairs), "rows": len(rows), "anchors_with_negatives": len({r["anchor"] for r in rows})}
-    return rows, stats
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    rows, anchor_hashes = 0, []
+    # The embeddings are normalized, so the dot product is the cosine. With "cosine", sentence-transformers
+    # normalizes the whole corpus again for every block of queries, and glibc's heap kept those copies (measured:
+    # 2 GB more for 20,000 pairs in blocks of 64 queries).
+    similarity = model.similarity_fn_name
+    model.similarity_fn_name = "dot" if similarity == "cosine" else similarity
+    try:
+        with tmp.open("w", encoding="utf-8") as out:
+            chunks = [pairs] if plan.chunks == 1 else (pairs.select(rows) for rows in plan.chunk_rows(settings.seed))
+            for chunk in chunks:
+                mined = mine_hard_negatives(
+                    chunk,
+                    model,
+                    anchor_column_name="anchor",
+                    positive_column_name="positive",
+                    relative_margin=settings.relative_margin,
+                    num_negatives=settings.num_negatives,
+                    range_max=settings.range_max,
+                    sampling_strategy="top",
+                    output_format="triplet" if settings.num_negatives == 1 else "n-tuple",
+                    batch_size=settings.batch_size,
+                    faiss_batch_size=plan.query_block,
+                    use_faiss=importlib.util.find_spec("faiss") is not None,
+                    verbose=True,
+                )
+                for batch in mined.iter(batch_size=1000):
+                    for values in zip(*batch.values()):
+                        out.write(json.dumps(dict(zip(batch, values)), ensure_ascii=False) + "\n")
+                    anchor_hashes.append(np.fromiter(map(hash, batch["anchor"]), np.int64))
+                rows += len(mined)
+        if rows:
+            os.replace(tmp, dest)
+    finally:
+        model.similarity_fn_name = similarity
+        tmp.unlink(missing_ok=True)
+    anchors = len(np.unique(np.concatenate(anchor_hashes))) if anchor_hashes else 0
+    return {"pairs": len(pairs), "rows": rows, "anchors_with_negatives": anchors, "chunks": plan.chunks,
+            "pairs_per_chunk": plan.chunk_pairs, "memory_estimate_gb": round(plan.peak / 1e9, 2)}  # fmt: skip
+
+
+def mined_file(out: Path, spec: SourceSpec) -> Path:
+    return out / f"{spec.name.replace('/', '__')}_mined.jsonl"
 
 
 def mined_spec(spec: SourceSpec, file: Path, settings: MiningSettings) -> dict:
@@ -97,16 +218,17 @@ def mined_spec(spec: SourceSpec, file: Path, settings: MiningSettings) -> dict:
     }
 
 
-def write_mined(out: Path, spec: SourceSpec, rows: list[dict], stats: dict, settings: MiningSettings) -> dict:
-    """`<out>/<source>_mined.jsonl` (written atomically) and its statistics beside it; returns the registry entry."""
-    out.mkdir(parents=True, exist_ok=True)
-    file = out / f"{spec.name.replace('/', '__')}_mined.jsonl"
-    write_atomic(file, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+def write_mined(out: Path, spec: SourceSpec, stats: dict, settings: MiningSettings) -> dict:
+    """The statistics beside a source's mined file (mine_source wrote it); returns its registry entry."""
+    file = mined_file(out, spec)
     write_atomic(
         file.with_suffix(".json"), json.dumps({"source": spec.name, **stats, **dataclasses.asdict(settings)}, indent=1)
     )
     logger.info("%s: %d pairs -> %d rows with negatives -> %s", spec.name, stats["pairs"], stats["rows"], file)
-    return mined_spec(spec, file, settings)
+    entry = mined_spec(spec, file, settings)
+    if stats["chunks"] > 1:
+        entry["mined"] += f", negatives from within chunks of {stats['pairs_per_chunk']} pairs"
+    return entry
 
 
 def write_mixture(path: Path, entries: list[dict], replay: dict | None = None) -> None:

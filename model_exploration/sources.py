@@ -10,6 +10,7 @@ to weight_i x size_i.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,13 @@ class SourceSpec:
         path = Path(self.data_files)
         return path if path.is_absolute() else REPO_ROOT / path
 
+    def local_paths(self) -> list[Path]:
+        """A local source's files: `data_files` itself, or the files its glob (`*`, `?`, `[...]`, `**`) matches,
+        sorted, so that every node reads them in the same order."""
+        if not any(c in self.data_files for c in "*?["):
+            return [self.local_path()]
+        return sorted(Path(p) for p in glob.glob(str(self.local_path()), recursive=True) if Path(p).is_file())
+
     def fingerprint(self) -> str:
         """Stable hash of everything that changes the rows this source yields: not its weight or notes, but a local
         file's size and a hash of its first and last MiB, so that a rewritten file (negatives mined again) is read
@@ -111,8 +119,12 @@ class SourceSpec:
         spec["split"] = splits[0] if len(splits) == 1 else list(splits)
         if self.pair_from_list:  # single-member lists became (member, member) pairs: their caches are rebuilt
             spec["single_member"] = "anchor=positive"
-        if self.reads_local_file and self.local_path().exists():
-            spec["file"] = _file_signature(self.local_path())
+        if self.reads_local_file:
+            files = [p for p in self.local_paths() if p.exists()]
+            if files == [self.local_path()]:
+                spec["file"] = _file_signature(files[0])
+            elif files:  # a glob: the files it matches now
+                spec["files"] = {str(p): _file_signature(p) for p in files}
         return spec
 
     def describe(self) -> str:

@@ -88,3 +88,30 @@ def test_seed_summary_judges_each_run_against_the_plain_fine_tune_of_its_seed():
     assert eqat["float - plain float"] == "-0.0200 ± 0.0000"
     start = dict(zip(header, cells["models/start (start)"]))
     assert start["hamming / plain float"] == "" and start["float"] == "0.5000"  # no seed: no plain twin
+
+
+def test_data_scale_measures_every_build_and_extrapolates_from_them(tmp_path, capsys):
+    report = tmp_path / "report.json"
+    _script("data_scale").main(["--rows", "1000", "2000", "--layouts", "jsonl", "--no_train", "--num_proc", "1",
+                                "--work_dir", str(tmp_path), "--json", str(report)])  # fmt: skip
+    out = capsys.readouterr().out
+    rows = json.loads(report.read_text())["rows"]
+    assert [(r["layout"], r["rows"]) for r in rows] == [("jsonl", 1000), ("jsonl", 2000)]
+    for r in rows:
+        assert r["peak_rss"] >= r["peak_private"] > 0 and r["rows_per_s"] == pytest.approx(r["rows"] / r["build_s"])
+        assert r["cache_bytes"] > 0 and f"| jsonl | {r['rows']:,} | {r['rows_per_s']:,.0f} |" in out
+    slope = (rows[1]["peak_private"] - rows[0]["peak_private"]) / 1000
+    expected = (rows[0]["peak_private"] + slope * (64_000_000 - 1000)) / 1e9
+    line = re.search(r"^\| jsonl \| 64,000,000 \(extrapolated\) \|.*$", out, re.M).group(0)
+    assert line.split("|")[7].strip() == f"{expected:.2f}"  # peak private, on the line through the measured rows
+    assert list(tmp_path.iterdir()) == [report]  # sources and caches are deleted
+
+
+def test_data_scale_reads_the_parquet_layout_and_times_the_first_training_step(tiny_model, tmp_path, capsys):
+    report = tmp_path / "report.json"
+    _script("data_scale").main(["--rows", "1000", "--layouts", "parquet", "--model", str(tiny_model), "--num_proc",
+                                "1", "--first_step_repeats", "1", "--work_dir", str(tmp_path), "--json", str(report)])  # fmt: skip
+    (measured,) = json.loads(report.read_text())["rows"]
+    assert f"| parquet | 1,000 | {measured['rows_per_s']:,.0f} |" in capsys.readouterr().out
+    assert (measured["layout"], measured["rows"]) == ("parquet", 1000) and measured["cache_bytes"] > 0
+    assert 0 < measured["first_step_s"] and measured["first_step_all_s"] == [measured["first_step_s"]]

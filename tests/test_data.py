@@ -1,10 +1,13 @@
 import dataclasses
+import gzip
 import json
+import subprocess
 
 import pytest
 from datasets import Dataset
 
-from model_exploration import data
+from helpers import PYTHON, subprocess_env
+from model_exploration import data, fetch
 from model_exploration.errors import UserError
 from model_exploration.fetch import Mirror
 from model_exploration.sampler import make_source_batch_sampler
@@ -78,6 +81,90 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
     path.write_text('{"q": "a", "p": "b"}\n{"q": "broken"\n')
     with pytest.raises(UserError, match=r"source .local.: malformed JSON at .*bad\.jsonl:2 .*fix or remove that line"):
         _raw(_spec(path, anchor="q", positive="p"), tmp_path)
+
+
+def test_rows_mixing_types_arrow_cannot_hold_in_one_column_are_read(tmp_path):
+    """Text, list, number, null and a missing key in one column, across chunks of the Arrow conversion."""
+    path = _jsonl(tmp_path / "s.jsonl", [
+        {"q": "first", "p": "a text"},
+        {"q": 7, "p": ["a", "list", "of", "texts"]},
+        {"q": "third", "p": None},
+        {"q": ["joined", "query"], "p": {"nested": "object"}, "extra": [1, "x"]},
+        {"q": "fifth"},
+    ])  # fmt: skip
+    spec = _spec(path, anchor="q", positive="p")
+    raw = fetch.read_jsonl_lines([path], None, tmp_path / "work", "source 'local'", chunk_rows=2)
+    pairs, dropped = data.to_pairs(spec, raw, seed=0)
+    assert dropped == 2  # the null and the missing positive
+    assert pairs["anchor"] == ["first", "7", "joined query"]
+    assert pairs["positive"] == ["a text", "a list of texts", "{'nested': 'object'}"]
+
+
+def test_a_glob_of_plain_and_gzipped_files_reads_in_order_and_nrows_reads_only_the_head(tmp_path):
+    _jsonl(tmp_path / "part-1.jsonl", [{"q": f"q{i}", "p": f"p{i}"} for i in range(3)])
+    with gzip.open(tmp_path / "part-2.jsonl.gz", "wt") as f:
+        f.write('{"q": "q3", "p": "p3"}\n\n{"q": "q4", "p": "p4"}\n{"broken\n')
+    spec = _spec(tmp_path / "part-*.jsonl*", anchor="q", positive="p")
+    head, _ = data.to_pairs(spec, _raw(spec, tmp_path, nrows=5), seed=0)
+    assert head["anchor"] == ["q0", "q1", "q2", "q3", "q4"]  # the malformed line after the head is never read
+    with pytest.raises(UserError, match=r"source 'local': malformed JSON at .*part-2\.jsonl\.gz:4 "):
+        _raw(spec, tmp_path)
+    assert "2 file(s)" in Mirror(tmp_path / "mirror", offline=True).describe(spec)
+    with pytest.raises(UserError, match=r"source 'local': no file matches .*nothing-\*\.jsonl$"):
+        _raw(_spec(tmp_path / "nothing-*.jsonl", anchor="q", positive="p"), tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [(b"\xff\xfe not text", "not UTF-8 text at .*s.jsonl:2; re-encode"),
+     (b'["a", "list"]', "expected a JSON object at .*s.jsonl:2, found list")],
+)  # fmt: skip
+def test_a_line_that_is_not_one_json_object_is_one_line_naming_file_and_line(tmp_path, line, message):
+    path = tmp_path / "s.jsonl"
+    path.write_bytes(b'{"q": "a", "p": "b"}\n' + line + b"\n")
+    with pytest.raises(UserError, match=rf"^source 'local': {message}"):
+        _raw(_spec(path, anchor="q", positive="p"), tmp_path)
+
+
+_UNDER_MEMORY_CAP = """
+import json, resource, sys
+from pathlib import Path
+from model_exploration import data
+from model_exploration.fetch import Mirror, iter_jsonl
+from model_exploration.sources import SourceSpec
+
+def vm_data():
+    return next(int(line.split()[1]) << 10 for line in open("/proc/self/status") if line.startswith("VmData"))
+
+path, cache, headroom = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+cap = vm_data() + headroom
+resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+spec = SourceSpec(name="big", fetch="jsonl", data_files=str(path), anchor="query", positive="passage")
+source = data.load_source(spec, cache, None, 1, 20, Mirror(cache / "hub", offline=True))
+result = {"train": len(source.train), "validation": len(source.validation)}
+try:
+    result["held_in_python"] = len(list(iter_jsonl(path, "big")))
+except MemoryError:
+    result["held_in_python"] = "MemoryError"
+print(json.dumps(result))
+"""
+
+
+def test_a_local_source_larger_than_the_memory_cap_builds_its_cache(tmp_path):
+    """RLIMIT_DATA caps the heap and private mappings (the Arrow files a build memory-maps are page cache, shared
+    and reclaimable, so not counted) at what the process holds after its imports plus 96 MiB. A 150,000-row source
+    (120 MB of JSON lines, ~3 times the headroom as Python objects) builds its cache under that cap, and the same
+    rows held in Python, as the build did before it streamed, do not fit."""
+    path = tmp_path / "big.jsonl"
+    passage = " ".join(["mitochondrial membrane potential in isolated cardiomyocytes"] * 13)
+    with path.open("w") as f:
+        for i in range(150_000):
+            f.write(json.dumps({"query": f"query {i} about membranes", "passage": f"{i} {passage}"}) + "\n")
+    result = subprocess.run([PYTHON, "-c", _UNDER_MEMORY_CAP, str(path), str(tmp_path / "cache"), str(96 << 20)],
+                            capture_output=True, text=True, env=subprocess_env(), timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    built = json.loads(result.stdout.strip().splitlines()[-1])
+    assert built == {"train": 149_980, "validation": 20, "held_in_python": "MemoryError"}
 
 
 def test_missing_arxiv_snapshot_says_which_command_to_run(tmp_path):

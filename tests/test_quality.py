@@ -3,6 +3,7 @@ several dimensions from one encoding, the NDCG-vs-bytes chart."""
 
 import importlib.util
 import json
+import random
 import re
 
 import pytest
@@ -174,3 +175,63 @@ def test_a_written_mixture_keeps_the_local_sources_it_did_not_mine(tmp_path):
     again = build_dataset_configs_file(tmp_path / "elsewhere" / "mixture.yaml")
     assert [s.local_path() for s in again] == [s.local_path() for s in specs]
     assert all(s.local_path().exists() for s in again)
+
+
+def test_mining_plan_fits_the_budget_and_says_what_it_holds():
+    from model_exploration.errors import UserError
+    from model_exploration.negatives import MiningSettings, plan_mining
+
+    settings = MiningSettings("m", range_max=50)
+    whole = plan_mining(1_000_000, 1200, 384, settings, budget=64 * 10**9, faiss=False)
+    assert whole.chunks == 1 and whole.peak <= whole.budget
+    assert whole.embeddings == 5 * 1_000_000 * 384 * 4  # five float32 copies of an embedding a pair
+    chunked = plan_mining(20_000_000, 1200, 384, settings, budget=64 * 10**9, faiss=False)
+    assert chunked.chunks > 1 and chunked.peak <= chunked.budget and chunked.chunks * chunked.chunk_pairs >= 20_000_000
+    assert chunked.query_block * chunked.chunk_pairs * 4 <= chunked.budget // 4  # exact search's block of scores
+    assert f"{chunked.chunks} chunks of {chunked.chunk_pairs:,} pairs" in chunked.describe("paq")
+    with_faiss = plan_mining(20_000_000, 1200, 384, settings, budget=64 * 10**9, faiss=True)
+    assert with_faiss.scores == 0 and with_faiss.embeddings == 6 * with_faiss.chunk_pairs * 384 * 4
+    with pytest.raises(UserError, match=r"^--mining_memory_gb 0\.3: too small to mine 1000 pairs at a time"):
+        plan_mining(20_000_000, 1200, 384, settings, budget=3 * 10**8, faiss=False)
+
+
+def test_a_source_over_the_mining_budget_is_mined_in_chunks_and_reads_back(tiny_model, tmp_path, caplog):
+    """3,200 pairs under a budget that holds 40% of them: the plan is logged before mining, each pair's negative
+    comes from its own chunk (a seeded random third of the training split), and the mined file builds its cache
+    through the streamed JSON-lines path."""
+    from model_exploration.negatives import ENCODER_BYTES, MiningSettings, plan_mining
+
+    words = "cell membrane protein kinase signal receptor enzyme lipid gene tumour cortex neuron".split()
+    rng = random.Random(0)
+    with (tmp_path / "pairs.jsonl").open("w") as f:
+        for i in range(3200):
+            f.write(json.dumps({"q": f"q{i} " + " ".join(rng.choices(words, k=6)),
+                                "p": f"p{i} " + " ".join(rng.choices(words, k=30))}) + "\n")  # fmt: skip
+    (tmp_path / "mixture.yaml").write_text(
+        "sources:\n  - {name: local, fetch: jsonl, data_files: pairs.jsonl, anchor: q, positive: p}\n"
+    )
+    cache = tmp_path / "runs" / "cache"  # the miner's (--output_base runs): it finds this cache built
+    source = load_and_cache_datasets(build_dataset_configs_file(tmp_path / "mixture.yaml"), cache)[0]
+    texts = source.train.select_columns(["anchor", "positive"])
+    faiss = importlib.util.find_spec("faiss") is not None
+    whole = plan_mining(len(texts), texts.data.nbytes / len(texts), 64, MiningSettings("m"), 10**12, faiss)
+    pairs_bytes = whole.embeddings + whole.candidates + whole.texts
+    budget = int((ENCODER_BYTES + 0.4 * pairs_bytes) * (1 if faiss else 4 / 3))
+    plan = plan_mining(len(texts), texts.data.nbytes / len(texts), 64, MiningSettings("m"), budget, faiss)
+    argv = ["--mixture", str(tmp_path / "mixture.yaml"), "--model_name", str(tiny_model), "--relative_margin", "0.002",
+            "--mining_memory_gb", str(budget / 1e9), "--output_base", str(tmp_path / "runs"), "--out",
+            str(tmp_path / "mined")]  # fmt: skip
+    caplog.set_level("INFO")
+    assert _miner().main(argv) == 0
+    stats = json.loads((tmp_path / "mined" / "local_mined.json").read_text())
+    assert plan.chunks == stats["chunks"] == 3 and stats["pairs_per_chunk"] == plan.chunk_pairs
+    assert "mining local: 3,180 pairs; mining holds ~" in caplog.text
+    assert f"3 chunks of {plan.chunk_pairs:,} pairs, each pair's negatives from its own chunk" in caplog.text
+    chunk_of = {source.train[int(row)]["positive"]: i for i, rows in enumerate(plan.chunk_rows(42)) for row in rows}
+    rows = [json.loads(line) for line in (tmp_path / "mined" / "local_mined.jsonl").open()]
+    assert len(rows) == stats["rows"] > 0 and {chunk_of[r["positive"]] for r in rows} == {0, 1, 2}
+    assert all(chunk_of[r["negative"]] == chunk_of[r["positive"]] for r in rows)
+    mined = load_and_cache_datasets(build_dataset_configs_file(tmp_path / "mined" / "mixture.yaml"), tmp_path / "c2",
+                                    max_eval=0)[0]  # fmt: skip
+    assert mined.train.column_names == ["anchor", "positive", "negative"] and len(mined.train) == len(rows)
+    assert f"negatives from within chunks of {plan.chunk_pairs} pairs" in mined.spec.mined
