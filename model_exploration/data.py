@@ -235,7 +235,7 @@ def to_pairs(spec: SourceSpec, raw: Dataset, seed: int, num_proc: int = 1) -> tu
         desc=f"columns {spec.name}",
     )
     if spec.pair_from_list:
-        logger.info("source %s: %d of %d rows are one-member sets, paired with themselves", spec.name,
+        logger.info("source %s: %d of %d kept rows are one-member sets, paired with themselves", spec.name,
                     _self_pairs(pairs), len(pairs))  # fmt: skip
     dropped = len(raw) - len(pairs)
     if len(pairs) == 0:

@@ -23,11 +23,13 @@ Rows for which no candidate passes the guard are dropped and counted (sentence-t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import json
 import logging
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -77,8 +79,8 @@ MAX_QUERY_BLOCK = 16384  # sentence-transformers' default faiss_batch_size
 class MiningPlan:
     """How one source is mined within a memory budget. Each call of mine_hard_negatives holds all of its pairs'
     embeddings, candidate lists and texts, so a source too large for the budget is mined in chunks of
-    `chunk_pairs` rows, a seeded random partition of its training split (chunk_rows), each pair's negatives drawn
-    from its own chunk's passages. Exact search (no faiss) scores `query_block` queries against the chunk's corpus
+    about `chunk_pairs` rows, a seeded partition of its training split by anchor (chunk_rows), each pair's negatives
+    drawn from its own chunk's passages. Exact search (no faiss) scores `query_block` queries against the chunk's corpus
     at a time. Sizes are bytes, for one chunk."""
 
     pairs: int
@@ -94,11 +96,20 @@ class MiningPlan:
     def chunks(self) -> int:
         return math.ceil(self.pairs / self.chunk_pairs)
 
-    def chunk_rows(self, seed: int) -> list[np.ndarray]:
-        """Each chunk's row numbers, in source order: random, not consecutive, rows, because the training split
-        keeps its source's order and sources are often grouped by topic or query."""
-        order = np.random.default_rng(seed).permutation(self.pairs)
-        return [np.sort(order[start : start + self.chunk_pairs]) for start in range(0, self.pairs, self.chunk_pairs)]
+    def chunk_rows(self, anchors: Iterable[list[str]], seed: int) -> list[np.ndarray]:
+        """Each chunk's row numbers, in source order, from the anchors (in batches): a seeded hash of the anchor
+        picks the chunk, so every pair of one anchor lands in the same chunk (sentence-transformers then keeps
+        all of that anchor's positives out of its negatives; split across chunks, one of them could be mined as a
+        negative where another anchor brings it in), and chunks are random, not consecutive, rows (the training
+        split keeps its source's order, and sources are often grouped by topic or query). Chunks hold about
+        `chunk_pairs` pairs each."""
+        chunk_of = np.empty(self.pairs, dtype=np.int32)
+        start = 0
+        for batch in anchors:
+            keys = (hashlib.blake2b(f"{seed}\0{a}".encode(), digest_size=8).digest() for a in batch)
+            chunk_of[start : start + len(batch)] = [int.from_bytes(k, "little") % self.chunks for k in keys]
+            start += len(batch)
+        return [np.flatnonzero(chunk_of == c) for c in range(self.chunks)]
 
     @property
     def peak(self) -> int:
@@ -156,7 +167,7 @@ def mine_source(train, model, settings: MiningSettings, plan: MiningPlan, dest: 
     pairs = train.select_columns(["anchor", "positive"])
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
-    rows, anchor_hashes = 0, []
+    rows, anchor_hashes, false_negatives = 0, [], 0
     # The embeddings are normalized, so the dot product is the cosine. With "cosine", sentence-transformers
     # normalizes the whole corpus again for every block of queries, and glibc's heap kept those copies (measured:
     # 2 GB more for 20,000 pairs in blocks of 64 queries).
@@ -164,7 +175,12 @@ def mine_source(train, model, settings: MiningSettings, plan: MiningPlan, dest: 
     model.similarity_fn_name = "dot" if similarity == "cosine" else similarity
     try:
         with tmp.open("w", encoding="utf-8") as out:
-            chunks = [pairs] if plan.chunks == 1 else (pairs.select(rows) for rows in plan.chunk_rows(settings.seed))
+            anchors = (b["anchor"] for b in pairs.select_columns(["anchor"]).iter(batch_size=100_000))
+            chunks = (
+                [pairs]
+                if plan.chunks == 1
+                else (pairs.select(rows) for rows in plan.chunk_rows(anchors, settings.seed))
+            )
             for chunk in chunks:
                 mined = mine_hard_negatives(
                     chunk,
@@ -181,19 +197,39 @@ def mine_source(train, model, settings: MiningSettings, plan: MiningPlan, dest: 
                     use_faiss=importlib.util.find_spec("faiss") is not None,
                     verbose=True,
                 )
+                positives_of: dict[str, set[str]] = {}
+                for anchor, positive in zip(chunk["anchor"], chunk["positive"]):
+                    positives_of.setdefault(anchor, set()).add(positive)
                 for batch in mined.iter(batch_size=1000):
+                    written = []
                     for values in zip(*batch.values()):
-                        out.write(json.dumps(dict(zip(batch, values)), ensure_ascii=False) + "\n")
-                    anchor_hashes.append(np.fromiter(map(hash, batch["anchor"]), np.int64))
-                rows += len(mined)
+                        row = dict(zip(batch, values))
+                        if mines_a_positive(row, positives_of):
+                            false_negatives += 1
+                            continue
+                        out.write(json.dumps(row, ensure_ascii=False) + "\n")
+                        written.append(hash(row["anchor"]))
+                    rows += len(written)
+                    anchor_hashes.append(np.array(written, dtype=np.int64))
         if rows:
             os.replace(tmp, dest)
     finally:
         model.similarity_fn_name = similarity
         tmp.unlink(missing_ok=True)
     anchors = len(np.unique(np.concatenate(anchor_hashes))) if anchor_hashes else 0
+    if false_negatives:
+        logger.warning("%d mined rows dropped: a negative was a positive of the same anchor", false_negatives)
     return {"pairs": len(pairs), "rows": rows, "anchors_with_negatives": anchors, "chunks": plan.chunks,
-            "pairs_per_chunk": plan.chunk_pairs, "memory_estimate_gb": round(plan.peak / 1e9, 2)}  # fmt: skip
+            "pairs_per_chunk": plan.chunk_pairs, "memory_estimate_gb": round(plan.peak / 1e9, 2),
+            "dropped_positive_as_negative": false_negatives}  # fmt: skip
+
+
+def mines_a_positive(row: dict, positives_of: dict[str, set[str]]) -> bool:
+    """Whether a mined row's negatives include a positive of its anchor (any pair of the source with that anchor:
+    chunks keep an anchor's pairs together, so its chunk has them all). sentence-transformers excludes these
+    already; this checks the output, so a change there, or in chunking, cannot slip false negatives in."""
+    negatives = [v for k, v in row.items() if k == "negative" or k.startswith("negative_")]
+    return any(n in positives_of.get(row["anchor"], ()) for n in negatives)
 
 
 def mined_file(out: Path, spec: SourceSpec) -> Path:

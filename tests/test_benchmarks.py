@@ -61,8 +61,11 @@ def test_packed_attention_candidates_agree_and_ratios_match_their_times(capsys):
     assert {"batch-padded", "per-sequence", "bucketed", "nested"} <= set(times)
     assert len(diffs) == len(times) and max(diffs) < 1e-4  # every candidate computes the same attention
     ratios = dict(re.findall(r"(\S+)/bucketed=([\d.]+)", out))
+    bucketed = float(times["bucketed"])
     for name, ms in times.items():
-        assert float(ratios[name]) == pytest.approx(float(ms) / float(times["bucketed"]), abs=0.06), name
+        ratio = float(ms) / bucketed
+        # times print to 0.1 ms and ratios to 0.01: allow what that rounding can move a ratio by
+        assert float(ratios[name]) == pytest.approx(ratio, abs=0.006 + 0.05 * (1 + ratio) / bucketed), name
 
 
 def test_seed_summary_judges_each_run_against_the_plain_fine_tune_of_its_seed():

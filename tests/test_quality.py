@@ -104,9 +104,11 @@ def test_truncated_dimensions_score_as_truncated_embeddings(tiny_model, small_be
             bench, corpus[:, :d], lambda t, d=d: query_emb[:, :d], ("float32", "ubinary")
         )
         section, reference = row["dims"][str(d)], alone[bench.name]
-        floats = {k: v for k, v in section.items() if k != "ubinary"}
-        assert floats == pytest.approx({k: v for k, v in reference.items() if k != "ubinary"})
-        assert section["ubinary"] == pytest.approx(reference["ubinary"])
+        binary = ("ubinary", "ubinary_asym")
+        floats = {k: v for k, v in section.items() if k not in binary}
+        assert floats == pytest.approx({k: v for k, v in reference.items() if k not in binary})
+        for variant in binary:
+            assert section[variant] == pytest.approx(reference[variant]), variant
         assert section["bytes_per_vector"] == 4 * d and section["ubinary"]["bytes_per_vector"] == d // 8
 
 
@@ -227,7 +229,11 @@ def test_a_source_over_the_mining_budget_is_mined_in_chunks_and_reads_back(tiny_
     assert plan.chunks == stats["chunks"] == 3 and stats["pairs_per_chunk"] == plan.chunk_pairs
     assert "mining local: 3,180 pairs; mining holds ~" in caplog.text
     assert f"3 chunks of {plan.chunk_pairs:,} pairs, each pair's negatives from its own chunk" in caplog.text
-    chunk_of = {source.train[int(row)]["positive"]: i for i, rows in enumerate(plan.chunk_rows(42)) for row in rows}
+    chunk_of = {
+        source.train[int(row)]["positive"]: i
+        for i, rows in enumerate(plan.chunk_rows([texts["anchor"]], 42))
+        for row in rows
+    }
     rows = [json.loads(line) for line in (tmp_path / "mined" / "local_mined.jsonl").open()]
     assert len(rows) == stats["rows"] > 0 and {chunk_of[r["positive"]] for r in rows} == {0, 1, 2}
     assert all(chunk_of[r["negative"]] == chunk_of[r["positive"]] for r in rows)
@@ -235,3 +241,52 @@ def test_a_source_over_the_mining_budget_is_mined_in_chunks_and_reads_back(tiny_
                                     max_eval=0)[0]  # fmt: skip
     assert mined.train.column_names == ["anchor", "positive", "negative"] and len(mined.train) == len(rows)
     assert f"negatives from within chunks of {plan.chunk_pairs} pairs" in mined.spec.mined
+
+
+def test_mining_never_takes_a_positive_of_the_same_anchor_even_across_chunks(tiny_model, tmp_path, monkeypatch):
+    """Anchors with three positives each, one shared with another anchor, mined in chunks: an anchor's pairs share
+    a chunk, so none of its positives comes back as its negative (the output check finds none to drop); the check itself catches one."""
+    from model_exploration import negatives
+    from model_exploration.negatives import MiningSettings, mines_a_positive, plan_mining
+
+    monkeypatch.setattr(negatives, "MIN_CHUNK_PAIRS", 100)  # chunks of a few hundred pairs, for a 900-pair source
+
+    rng = random.Random(1)
+    words = "cell membrane protein kinase signal receptor enzyme lipid gene tumour cortex neuron".split()
+    with (tmp_path / "pairs.jsonl").open("w") as f:
+        for a in range(300):
+            topic = " ".join(rng.choices(words, k=4))
+            shared = f"review {a // 2}: " + " ".join(random.Random(a // 2).choices(words, k=20))
+            for k in range(3):  # three positives per anchor, near each other (the likeliest false negatives), the
+                # last one shared with the next anchor: split from its anchor, another anchor's pair brings it in
+                positive = shared if k == 2 else f"{topic} study {a}.{k} " + " ".join(rng.choices(words, k=20))
+                f.write(json.dumps({"q": f"claim {a}: {topic}", "p": positive}) + "\n")
+    (tmp_path / "mixture.yaml").write_text(
+        "sources:\n  - {name: multi, fetch: jsonl, data_files: pairs.jsonl, anchor: q, positive: p}\n"
+    )
+    source = load_and_cache_datasets(build_dataset_configs_file(tmp_path / "mixture.yaml"), tmp_path / "runs" / "cache",
+                                     max_eval=0)[0]  # fmt: skip
+    texts = source.train.select_columns(["anchor", "positive"])
+    whole = plan_mining(len(texts), texts.data.nbytes / len(texts), 64, MiningSettings("m"), 10**12, False)
+    per_source = whole.embeddings + whole.candidates + whole.texts
+    budget = int((negatives.ENCODER_BYTES + 0.4 * per_source) * 4 / 3)  # exact search plans with 3/4: 3 chunks
+    plan = plan_mining(len(texts), texts.data.nbytes / len(texts), 64, MiningSettings("m"), budget, False)
+    assert plan.chunks >= 2
+    chunk_of = {int(r): c for c, rows in enumerate(plan.chunk_rows([texts["anchor"]], 42)) for r in rows}
+    by_anchor: dict[str, set[int]] = {}
+    for i, anchor in enumerate(texts["anchor"]):
+        by_anchor.setdefault(anchor, set()).add(chunk_of[i])
+    assert all(len(chunks) == 1 for chunks in by_anchor.values())  # an anchor's pairs share one chunk
+    argv = ["--mixture", str(tmp_path / "mixture.yaml"), "--model_name", str(tiny_model), "--relative_margin", "0",
+            "--num_negatives", "2", "--max_datapoints_per_src_for_eval", "0", "--mining_memory_gb",
+            str(budget / 1e9), "--output_base", str(tmp_path / "runs"), "--out", str(tmp_path / "mined")]  # fmt: skip
+    assert _miner().main(argv) == 0
+    stats = json.loads((tmp_path / "mined" / "multi_mined.json").read_text())
+    assert stats["chunks"] == plan.chunks and stats["dropped_positive_as_negative"] == 0
+    positives_of: dict[str, set[str]] = {}
+    for row in texts:
+        positives_of.setdefault(row["anchor"], set()).add(row["positive"])
+    rows = [json.loads(line) for line in (tmp_path / "mined" / "multi_mined.jsonl").open()]
+    assert rows and not any(mines_a_positive(r, positives_of) for r in rows)
+    planted = dict(rows[0], negative_2=next(iter(positives_of[rows[0]["anchor"]])))
+    assert mines_a_positive(planted, positives_of)
