@@ -353,17 +353,18 @@ def print_arch(arch: str, result: dict) -> None:
 def print_summary(results: dict[str, dict]) -> None:
     """One row per architecture: the comparisons the README shows."""
     print("\n| architecture | fast path | plain MNRL pairs/s | ours MNRL pairs/s | training | model alone | "
-          "GradCache | encode passages/s (plain / ours) | encoding | min cosine |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "GradCache | encode passages/s (plain / ours) | encoding | min cosine | MFU (plain / ours MNRL) |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for arch, result in results.items():
         rows, ratio = result["rows"], result["ratios"]
         packed = any(r.get("packed") for r in rows.values())
         r = {label: fmt(rate(row), ".1f") for label, row in rows.items()}
         x = {key: f"{value:.2f}x" for key, value in ratio.items()}
         encode = f"{r.get('plain encode', '-')} / {r.get('ours encode', '-')}"
+        mfu = " / ".join(fmt(rows.get(label, {}).get("mfu"), ".1%") for label in ("plain mnrl", "ours mnrl"))
         print(f"| {arch} | {'unpadded' if packed else 'stock'} | {r.get('plain mnrl', '-')} | "
               f"{r.get('ours mnrl', '-')} | {x.get('train', '-')} | {x.get('model', '-')} | {x.get('cached', '-')} | "
-              f"{encode} | {x.get('encode', '-')} | {fmt(result['min_cosine'], '.6f')} |")  # fmt: skip
+              f"{encode} | {x.get('encode', '-')} | {fmt(result['min_cosine'], '.6f')} | {mfu} |")  # fmt: skip
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -183,24 +183,30 @@ class PackedBatch:
 
 
 def _bucketed_attention(q, k, v, batch: PackedBatch, window: int | None = None):
-    """Attention of packed q/k/v [tokens, heads, dim], one SDPA call per bucket of similar lengths."""
-    out = torch.empty_like(q)
+    """Attention of packed q/k/v [tokens, heads, dim], one SDPA call per bucket of similar lengths. Inputs are cut
+    with one split and the output joined with one cat: slicing per bucket (or writing into slices of one output)
+    costs a full-size zero-filled gradient per bucket in backward, measured at 16% of a ModernBERT step on CPU."""
     heads, dim = q.shape[1], q.shape[2]
-    for b, (start, stop, rows, longest, real, slots) in enumerate(batch.bucket_plan(q.device)):
+    plan = batch.bucket_plan(q.device)
+    spans = [stop - start for start, stop, *_ in plan]
+    outs = []
+    for b, (qb, kb, vb) in enumerate(zip(q.split(spans), k.split(spans), v.split(spans))):
+        _, _, rows, longest, real, slots = plan[b]
         mask = batch.attention_mask(b, real, longest, window, q.dtype)
         if real is None:  # equal lengths: a plain view, no padding
-            qb, kb, vb = (t[start:stop].view(rows, longest, heads, dim).transpose(1, 2) for t in (q, k, v))
-            ob = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
-            out[start:stop] = ob.transpose(1, 2).reshape(-1, heads, dim)
+            ob = F.scaled_dot_product_attention(
+                *(t.view(rows, longest, heads, dim).transpose(1, 2) for t in (qb, kb, vb)), attn_mask=mask
+            )
+            outs.append(ob.transpose(1, 2).reshape(-1, heads, dim))
             continue
         # in place into fresh zeros: the out-of-place index_copy would copy the zeros once more
         padded = [
-            t.new_zeros(rows * longest, heads, dim).index_copy_(0, slots, t[start:stop]).view(rows, longest, heads, dim)
-            for t in (q, k, v)
+            t.new_zeros(rows * longest, heads, dim).index_copy_(0, slots, t).view(rows, longest, heads, dim)
+            for t in (qb, kb, vb)
         ]
         ob = F.scaled_dot_product_attention(*(t.transpose(1, 2) for t in padded), attn_mask=mask)
-        out[start:stop] = ob.transpose(1, 2).reshape(-1, heads, dim)[slots]
-    return out
+        outs.append(ob.transpose(1, 2).reshape(-1, heads, dim)[slots])
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def packed_attention(q, k, v, batch: PackedBatch, window: int | None = None):
@@ -344,9 +350,9 @@ def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 def _modernbert_layer(layer, x, batch: PackedBatch, heads: int, rope, window: int | None):
     attn = layer.attn
     tokens, hidden = x.shape
-    qkv = attn.Wqkv(layer.attn_norm(x)).view(tokens, 3, heads, hidden // heads)
-    q, k = _rotate(qkv[:, :2], *rope).unbind(1)
-    context = packed_attention(q, k, qkv[:, 2], batch, window).reshape(tokens, hidden)
+    qk, v = attn.Wqkv(layer.attn_norm(x)).view(tokens, 3, heads, hidden // heads).split([2, 1], dim=1)  # no slicing
+    q, k = _rotate(qk, *rope).unbind(1)  # (whose backward zero-fills the whole qkv gradient once per slice)
+    context = packed_attention(q, k, v.squeeze(1), batch, window).reshape(tokens, hidden)
     x = x + attn.out_drop(attn.Wo(context))
     return x + layer.mlp(layer.mlp_norm(x))
 
