@@ -197,14 +197,12 @@ def mine_source(train, model, settings: MiningSettings, plan: MiningPlan, dest: 
                     use_faiss=importlib.util.find_spec("faiss") is not None,
                     verbose=True,
                 )
-                positives_of: dict[str, set[str]] = {}
-                for anchor, positive in zip(chunk["anchor"], chunk["positive"]):
-                    positives_of.setdefault(anchor, set()).add(positive)
+                pairs_of_chunk = known_pairs(chunk)
                 for batch in mined.iter(batch_size=1000):
                     written = []
                     for values in zip(*batch.values()):
                         row = dict(zip(batch, values))
-                        if mines_a_positive(row, positives_of):
+                        if mines_a_positive(row, pairs_of_chunk):
                             false_negatives += 1
                             continue
                         out.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -224,12 +222,28 @@ def mine_source(train, model, settings: MiningSettings, plan: MiningPlan, dest: 
             "dropped_positive_as_negative": false_negatives}  # fmt: skip
 
 
-def mines_a_positive(row: dict, positives_of: dict[str, set[str]]) -> bool:
-    """Whether a mined row's negatives include a positive of its anchor (any pair of the source with that anchor:
-    chunks keep an anchor's pairs together, so its chunk has them all). sentence-transformers excludes these
-    already; this checks the output, so a change there, or in chunking, cannot slip false negatives in."""
-    negatives = [v for k, v in row.items() if k == "negative" or k.startswith("negative_")]
-    return any(n in positives_of.get(row["anchor"], ()) for n in negatives)
+def _pair_key(anchor: str, text: str) -> int:
+    return hash((anchor, text))  # per process (str hashes are salted), which is all these keys live for
+
+
+def known_pairs(pairs) -> np.ndarray:
+    """Sorted 64-bit keys of the (anchor, positive) pairs of a dataset, read in batches: 8 bytes a pair, not the
+    pair's text again (a mining chunk can hold millions of pairs)."""
+    keys = [
+        np.fromiter(map(_pair_key, b["anchor"], b["positive"]), np.int64, count=len(b["anchor"]))
+        for b in pairs.select_columns(["anchor", "positive"]).iter(batch_size=100_000)
+    ]
+    return np.sort(np.concatenate(keys)) if keys else np.empty(0, np.int64)
+
+
+def mines_a_positive(row: dict, known: np.ndarray) -> bool:
+    """Whether a mined row's negatives include a positive of its anchor: any pair of the source with that anchor
+    (`known`: known_pairs of the row's chunk; chunks keep an anchor's pairs together, so its chunk has them all).
+    sentence-transformers excludes these already; this checks the output, so a change there, or in chunking,
+    cannot slip false negatives in. A hash collision (1 in 2^64) would drop a good row, never keep a bad one."""
+    keys = [_pair_key(row["anchor"], v) for k, v in row.items() if k == "negative" or k.startswith("negative_")]
+    at = np.searchsorted(known, keys)
+    return bool(np.any(known[np.minimum(at, len(known) - 1)] == keys)) if len(known) else False
 
 
 def mined_file(out: Path, spec: SourceSpec) -> Path:
