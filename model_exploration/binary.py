@@ -255,6 +255,8 @@ def add_calibration(model, texts: list[str], center: str, rotation: str, seed: i
     the same on every rank: rank 0 computes it and broadcasts). Returns (layer, CenterTracker or None)."""
     from sentence_transformers.sentence_transformer.modules import Dense
 
+    if center not in CENTERS or rotation not in ROTATIONS:
+        raise ValueError(f"calibration: center {center!r} / rotation {rotation!r}; use one of {CENTERS} / {ROTATIONS}")
     fitted = None
     if distributed.is_main_process():
         pooled = pooled_embeddings(model, texts)
