@@ -18,8 +18,10 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from model_exploration import unpadded
 from model_exploration.models import bf16_native
 from model_exploration.pretokenize import pad_ids
+from model_exploration.unpadded import HOST_LENGTHS
 
 TOKENIZE_CHUNK = 4096
 
@@ -46,16 +48,19 @@ def _tokenize(tokenizer, texts: list[str], max_length: int) -> dict[str, list[li
     return out
 
 
-def _padded_batches(tokenizer, encoded, batches, pin: bool) -> Iterator[dict[str, torch.Tensor]]:
+def _padded_batches(tokenizer, encoded, batches, pin: bool, host_lengths: np.ndarray | None) -> Iterator[dict]:
     """Batches padded with one numpy fill (pretokenize.pad_ids; tokenizer.pad is GIL-bound Python, ~15x slower),
-    in pinned memory on CUDA so that the copy to the device does not block."""
+    in pinned memory on CUDA so that the copy to the device does not block; with `host_lengths` (for an unpadded
+    model), each row's length as counted here (HOST_LENGTHS), so that its forward needs no sync."""
     left = tokenizer.padding_side == "left"
     for batch in batches:
         ids, mask = pad_ids([encoded["input_ids"][i] for i in batch], tokenizer.pad_token_id, left)
         features = {"input_ids": ids, "attention_mask": mask}
         if "token_type_ids" in encoded:
             features["token_type_ids"] = pad_ids([encoded["token_type_ids"][i] for i in batch], 0, left)[0]
-        yield {k: v.pin_memory() for k, v in features.items()} if pin else features
+        if pin:
+            features = {k: v.pin_memory() for k, v in features.items()}
+        yield features if host_lengths is None else features | {HOST_LENGTHS: host_lengths[batch].tolist()}
 
 
 def _prefetch(iterator: Iterator, depth: int) -> Iterator:
@@ -103,8 +108,9 @@ def encode_fast(
     model.eval()
     progress = tqdm(total=len(texts), desc="Encoding", disable=not show_progress_bar, unit="text")
     start = 0
-    for batch, features in zip(batches, _prefetch(_padded_batches(tokenizer, encoded, batches, pin), prefetch)):
-        features = {k: v.to(device, non_blocking=True) for k, v in features.items()}
+    padded = _padded_batches(tokenizer, encoded, batches, pin, lengths if unpadded.is_enabled(model) else None)
+    for batch, features in zip(batches, _prefetch(padded, prefetch)):
+        features = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in features.items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             embeddings = model(features)["sentence_embedding"]
         in_batch_order[start : start + len(batch)].copy_(embeddings.float(), non_blocking=True)

@@ -19,16 +19,20 @@ rank with fewer rows cannot fall out of step with the others.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from sentence_transformers.base.losses.gradcache import RandContext
 from sentence_transformers.sentence_transformer.losses import (
     CachedMultipleNegativesRankingLoss,
     MultipleNegativesRankingLoss,
 )
 from torch import Tensor
+
+from model_exploration.unpadded import HOST_LENGTHS
 
 
 def _distributed() -> bool:
@@ -159,6 +163,28 @@ class GatheredCachedMNRLoss(CachedMultipleNegativesRankingLoss):
         for rep in own_reps:
             rep.grad.add_(mine[offset : offset + rep.shape[0]])
             offset += rep.shape[0]
+
+    def embed_minibatch(self, sentence_feature, begin, end, with_grad, copy_random_state, random_state=None):
+        """sentence-transformers' chunk embedding, with the chunk cut by the collator's host lengths when the batch
+        has them: its own cut reads the chunk's mask on the host to trim trailing padding columns (a host-device
+        sync per chunk), and would hand every chunk the whole batch's lengths."""
+        lengths = sentence_feature.get(HOST_LENGTHS)
+        if lengths is None:
+            return super().embed_minibatch(sentence_feature, begin, end, with_grad, copy_random_state, random_state)
+        width = sentence_feature["attention_mask"].shape[1]
+        # right padding: the chunk's longest row bounds its real columns; left padding keeps its width (positions)
+        keep = width if self.model.tokenizer.padding_side == "left" else max(lengths[begin:end])
+        chunk = {
+            key: (value[begin:end, :keep] if value.ndim >= 2 and value.shape[1] == width else value[begin:end])
+            if torch.is_tensor(value)
+            else value
+            for key, value in sentence_feature.items()
+        }
+        chunk[HOST_LENGTHS] = lengths[begin:end]
+        with nullcontext() if random_state is None else random_state, nullcontext() if with_grad else torch.no_grad():
+            random_state = RandContext(*chunk.values()) if copy_random_state else None
+            reps = self.model(chunk)["sentence_embedding"]
+        return reps, random_state
 
     def get_config_dict(self) -> dict[str, Any]:
         return super().get_config_dict() | {"gather_across_devices": self.gather_all_ranks}

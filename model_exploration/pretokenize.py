@@ -22,6 +22,7 @@ from sentence_transformers.sentence_transformer.data_collator import (
 
 from model_exploration import data
 from model_exploration.keys import short_hash
+from model_exploration.unpadded import HOST_LENGTHS
 
 
 def tokenizer_fingerprint(tokenizer, max_length: int) -> str:
@@ -90,9 +91,12 @@ def pad_ids(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[tor
 
 @dataclass
 class PretokenizedCollator(SentenceTransformerDataCollator):
-    """Pads pre-tokenized columns (lists of ids) per batch; text columns fall back to the stock collator."""
+    """Pads pre-tokenized columns (lists of ids) per batch; text columns fall back to the stock collator.
+    `host_lengths`: also give each column's real-token counts as a list (`<column>_host_lengths`), which the
+    unpadded forward uses instead of reading them back from the device (unpadded.HOST_LENGTHS)."""
 
     tokenizer: Any = None
+    host_lengths: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         first = features[0]
@@ -105,4 +109,6 @@ class PretokenizedCollator(SentenceTransformerDataCollator):
         for column in token_columns:
             ids, mask = pad_ids([row[column] for row in features], self.tokenizer.pad_token_id, left)
             batch[f"{column}_input_ids"], batch[f"{column}_attention_mask"] = ids, mask
+            if self.host_lengths:
+                batch[f"{column}_{HOST_LENGTHS}"] = mask.sum(1).tolist()
         return batch

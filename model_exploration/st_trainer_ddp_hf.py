@@ -332,7 +332,7 @@ def run(argv: list[str] | None = None) -> None:
             for s in sources
         }
         collator_kwargs["data_collator"] = pretokenize.PretokenizedCollator(
-            preprocess_fn=model.preprocess, tokenizer=model.tokenizer
+            preprocess_fn=model.preprocess, tokenizer=model.tokenizer, host_lengths=unpadded.is_enabled(model)
         )
     else:
         train_sets = {s.spec.name: s.train for s in sources}

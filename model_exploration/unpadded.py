@@ -20,15 +20,17 @@ Anything else keeps its stock forward, with a WARNING naming the model type (the
 Attention, chosen by measurement:
 - CUDA with bf16/fp16 inputs: `torch.nn.attention.varlen.varlen_attn` (flash attention over cu_seqlens; sliding
   windows through its `window_size`), after a one-time forward + backward probe per device, dtype and window use (a
-  missing kernel or argument falls back, logged with its message; out-of-memory and other device errors are raised,
-  never taken for a missing kernel);
+  missing kernel image or argument falls back, logged with its message; out-of-memory and other device errors are
+  raised, never taken for a missing kernel);
 - anywhere else (CPU, fp32), and for a score bias: scaled_dot_product_attention on sequences bucketed by length, each
   bucket padded only to its own longest, with a band mask for sliding windows. benchmarks/packed_attention.py on the
   2-core CPU, passage length mix, fwd+bwd: padding the batch to its longest is 2.2x slower, one SDPA call per
   sequence 1.0-1.5x, nested (jagged) tensors 10-19x.
 Semantic difference from the stock forwards, on purpose: no dropout on attention probabilities (varlen_attn has no
-dropout); hidden-state dropout is unchanged. Host-device syncs: one per forward (the sequence lengths, which size
-the packed tensors); gradient checkpointing (`--gradient_checkpointing`) recomputes each layer in backward, as the
+dropout); hidden-state dropout is unchanged. Host-device syncs: none when the batch carries the lengths our collators
+count on the host (`HOST_LENGTHS`: the pre-tokenized training collator, encode_fast), else one per forward (the
+lengths, which size the packed tensors); masks, slots and position biases are built on the device. Gradient
+checkpointing (`--gradient_checkpointing`) recomputes each layer in backward, as the
 stock model does.
 """
 
@@ -48,6 +50,9 @@ from model_exploration.models import ROBERTA_FAMILY, compute_dtype, position_off
 logger = logging.getLogger(__name__)
 
 BERT_FAMILY = ("bert", *ROBERTA_FAMILY)
+# Feature key of each row's real-token count, counted by our collators on the host (pretokenize.py, encoding.py):
+# with it a forward needs no host-device sync to size its packed tensors.
+HOST_LENGTHS = "host_lengths"
 SUPPORTED_MODEL_TYPES = (*BERT_FAMILY, "mpnet", "modernbert")
 # (device, dtype, windowed) -> whether varlen_attn runs forward and backward there (with window_size if windowed)
 _varlen_usable: dict[tuple, bool] = {}
@@ -61,13 +66,31 @@ def _varlen_attention(q, k, v, cu_seqlens, max_len: int, window: int | None = No
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, window_size=(window, window))
 
 
-def _is_resource_error(exc: BaseException) -> bool:
-    """Errors of the device rather than of the kernel: out of memory, an illegal access... They must surface, not
-    switch the process to the slower path for good (where they would strike again with a misleading trace)."""
-    accelerator_error = getattr(torch, "AcceleratorError", ())
-    return isinstance(exc, (torch.OutOfMemoryError, *((accelerator_error,) if accelerator_error else ()))) or (
-        "out of memory" in str(exc).lower()
-    )
+# CUDA errors that mean "this kernel does not exist for this GPU / build": the bucketed path can run instead.
+# Anything else the device raises (out of memory, an illegal access, a device-side assert, a launch failure) is a
+# fault of the device or of the inputs: it must surface, not switch the process to the slower path for good (where
+# it would strike again with a misleading trace).
+MISSING_KERNEL_MESSAGES = (
+    "no kernel image is available",
+    "invalid device function",
+    "named symbol not found",
+    "not compiled for",
+    "unsupported gpu architecture",
+)
+
+
+def device_error_kind(exc: BaseException) -> str:
+    """'resource' (out of memory: retry smaller), 'device' (any other device fault: raise), 'missing_kernel' (fall
+    back to another kernel, with a warning) or 'other' (an error of the call itself: a missing argument, an
+    unsupported dtype... also a fallback)."""
+    message = str(exc).lower()
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in message:
+        return "resource"
+    if any(m in message for m in MISSING_KERNEL_MESSAGES):
+        return "missing_kernel"
+    if isinstance(exc, getattr(torch, "AcceleratorError", ())):
+        return "device"
+    return "other"
 
 
 def varlen_usable(device: torch.device, dtype: torch.dtype, windowed: bool = False) -> bool:
@@ -94,7 +117,7 @@ def varlen_usable(device: torch.device, dtype: torch.dtype, windowed: bool = Fal
                 _varlen_attention(q, k, v, cu, 4, 1 if windowed else None).float().sum().backward()
             _varlen_usable[key] = True
         except Exception as exc:  # noqa: BLE001 - anything but a device error means: no usable kernel here
-            if _is_resource_error(exc):
+            if device_error_kind(exc) in ("resource", "device"):
                 raise
             _varlen_usable[key] = False
             logger.warning("varlen_attn%s unusable on %s/%s (%s: %s); using bucketed SDPA",
@@ -130,13 +153,23 @@ class PackedBatch:
     """Sequence boundaries of a packed batch whose sequences are in descending length order (as _pack lays them
     out), so that each length bucket is a contiguous run of tokens: the bucketed attention slices its inputs
     instead of gathering them. The bucket plan (token ranges, masks) is built once per forward and shared by all
-    layers. `score_bias`: MPNet's relative-position bias, [heads, n, n] per bucket length n, computed before the
-    layers (outside any checkpointed region, as it carries gradients)."""
+    layers, on the device from the lengths already there (`device_lengths`): a mask built on the host and copied
+    from pageable memory would be a host-device sync per bucket. `score_bias`: MPNet's relative-position bias,
+    [heads, n, n] per bucket length n, computed before the layers (outside any checkpointed region, as it carries
+    gradients)."""
 
-    def __init__(self, lengths: list[int], cu_seqlens: torch.Tensor, score_bias: dict | None = None):
+    def __init__(
+        self,
+        lengths: list[int],
+        cu_seqlens: torch.Tensor,
+        score_bias: dict | None = None,
+        device_lengths: torch.Tensor | None = None,
+    ):
         if any(a < b for a, b in zip(lengths, lengths[1:])):
             raise ValueError("PackedBatch: sequences must be packed longest first")
         self.lengths, self.cu_seqlens = lengths, cu_seqlens  # lengths on the host, cu_seqlens on the device
+        # the same lengths on the device (packed order); derived from cu_seqlens when not given
+        self.device_lengths = cu_seqlens.diff() if device_lengths is None else device_lengths
         self.max_len = lengths[0]
         self.score_bias = score_bias
         self._plan: list[tuple] | None = None
@@ -145,9 +178,9 @@ class PackedBatch:
     def bucket_lengths(self) -> set[int]:
         return {self.lengths[b[0]] for b in length_buckets(self.lengths)}
 
-    def bucket_plan(self, device: torch.device) -> list[tuple]:
+    def bucket_plan(self) -> list[tuple]:
         """Per bucket: (first token, end token, rows, longest, real-token mask [rows, longest] or None if all rows
-        are full, slots of the real tokens in the [rows * longest] grid or None)."""
+        are full, slots of the real tokens in the [rows * longest] grid or None), tensors on the batch's device."""
         if self._plan is None:
             starts = [0, *accumulate(self.lengths)]
             self._plan = []
@@ -157,9 +190,11 @@ class PackedBatch:
                 if self.lengths[last] == longest:
                     self._plan.append((*span, None, None))
                     continue
-                mask = torch.arange(longest) < torch.tensor(self.lengths[first : last + 1])[:, None]
-                slots = mask.flatten().nonzero().squeeze(1).to(device)
-                self._plan.append((*span, mask.to(device), slots))
+                position = torch.arange(longest, device=self.device_lengths.device)
+                mask = position < self.device_lengths[first : last + 1, None]
+                # the real tokens' count is known on the host: nonzero_static needs no sync to size its output
+                slots = mask.flatten().nonzero_static(size=span[1] - span[0]).squeeze(1)
+                self._plan.append((*span, mask, slots))
         return self._plan
 
     def attention_mask(self, bucket: int, real: torch.Tensor | None, longest: int, window: int | None, dtype):
@@ -187,7 +222,7 @@ def _bucketed_attention(q, k, v, batch: PackedBatch, window: int | None = None):
     with one split and the output joined with one cat: slicing per bucket (or writing into slices of one output)
     costs a full-size zero-filled gradient per bucket in backward, measured at 16% of a ModernBERT step on CPU."""
     heads, dim = q.shape[1], q.shape[2]
-    plan = batch.bucket_plan(q.device)
+    plan = batch.bucket_plan()
     spans = [stop - start for start, stop, *_ in plan]
     outs = []
     for b, (qb, kb, vb) in enumerate(zip(q.split(spans), k.split(spans), v.split(spans))):
@@ -225,25 +260,41 @@ def packed_attention(q, k, v, batch: PackedBatch, window: int | None = None):
 # ---------------------------------------------------------------- packing and the layer loop
 
 
-def _pack(input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+def _pack(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, host_lengths: list[int] | None = None):
     """(token ids of real tokens, their 0-based positions within their sequence, their slots in the [batch * length]
     grid, the PackedBatch). Sequences are packed longest first (each length bucket a contiguous run); left or right
-    padding alike."""
+    padding alike. `host_lengths`: each row's real-token count as the collator counted it on the host; without it
+    they are read back from the device (the forward's one host-device sync)."""
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     mask = attention_mask.bool()
     seq_lengths = mask.sum(1)
-    lengths = seq_lengths.tolist()  # the forward's one host-device sync: sizes of what follows
+    lengths = list(host_lengths) if host_lengths is not None else seq_lengths.tolist()
     # longest first, ties in batch order: the order length_buckets groups them in, computed on the device (no sync)
     order = torch.argsort(seq_lengths, descending=True, stable=True)
     width = mask.shape[1]
     # slots of real tokens in the [batch * length] grid, in packed order; their count is known, so no second sync
     in_order = torch.nonzero_static(mask[order].flatten(), size=sum(lengths)).squeeze(1)
     slots = order[in_order // width] * width + in_order % width
-    cu_seqlens = F.pad(seq_lengths[order].cumsum(0, dtype=torch.int32), (1, 0))
+    sorted_lengths = seq_lengths[order]
+    cu_seqlens = F.pad(sorted_lengths.cumsum(0, dtype=torch.int32), (1, 0))
     positions = (mask.long().cumsum(1) - 1).flatten()[slots]
-    packed = PackedBatch(sorted(lengths, reverse=True), cu_seqlens)
+    packed = PackedBatch(sorted(lengths, reverse=True), cu_seqlens, device_lengths=sorted_lengths)
     return input_ids.flatten()[slots], positions, slots, packed
+
+
+def _host_lengths(model, input_ids: torch.Tensor | None) -> list[int] | None:
+    """The host-side lengths the pre-hook left for this forward (consumed: never seen by a later forward), if they
+    describe this batch."""
+    lengths = model.__dict__.pop("_host_lengths", None)
+    if (
+        lengths is None
+        or input_ids is None
+        or len(lengths) != input_ids.shape[0]
+        or max(lengths, default=0) > input_ids.shape[1]
+    ):
+        return None
+    return lengths
 
 
 def _unpack(x: torch.Tensor, slots: torch.Tensor, shape: torch.Size) -> BaseModelOutput:
@@ -264,7 +315,9 @@ def _run_layers(model, layers, layer_forward, x, *extra):
 
 def _stock_call(input_ids, kwargs) -> bool:
     """Inputs the packed forwards do not handle go to the stock forward: embeddings given directly, hidden states
-    or attentions asked for, explicit position ids."""
+    or attentions asked for, explicit position ids. Drops the host lengths from `kwargs` (sentence-transformers
+    passes unknown features to a forward that takes **kwargs; the pre-hook already handed them over)."""
+    kwargs.pop(HOST_LENGTHS, None)
     return (
         input_ids is None
         or any(kwargs.get(k) is not None for k in ("inputs_embeds", "position_ids"))
@@ -292,10 +345,11 @@ def _bert_layer(layer, x, batch: PackedBatch, heads: int):
 def unpadded_bert_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, **kwargs):
     """BertModel / RobertaModel.forward on real tokens only; last_hidden_state as [batch, length, hidden] (zeros at
     pads). RoBERTa-family positions start at padding_idx + 1 (models.position_offset)."""
+    host_lengths = _host_lengths(self, input_ids)
     if _stock_call(input_ids, kwargs):
         return self._stock_forward(input_ids=input_ids, attention_mask=attention_mask,
                                    token_type_ids=token_type_ids, **kwargs)  # fmt: skip
-    ids, positions, slots, packed = _pack(input_ids, attention_mask)
+    ids, positions, slots, packed = _pack(input_ids, attention_mask, host_lengths)
     emb = self.embeddings
     x = emb.word_embeddings(ids) + emb.position_embeddings(positions + position_offset(self.config))
     types_ = token_type_ids.flatten()[slots] if token_type_ids is not None else torch.zeros_like(positions)
@@ -317,19 +371,26 @@ def _mpnet_layer(layer, x, batch: PackedBatch, heads: int):
     return out.LayerNorm(out.dropout(out.dense(h)) + x)
 
 
+def _mpnet_position_bias(encoder, n: int, device: torch.device) -> torch.Tensor:
+    """[heads, n, n]: MPNetEncoder.compute_position_bias of an n-token sequence (its default 32 buckets), with the
+    positions built on the device (some transformers releases build them on the host: a copy and a sync per
+    bucket length)."""
+    position = torch.arange(n, device=device)
+    buckets = encoder.relative_position_bucket(position[None, :] - position[:, None], num_buckets=32)
+    return encoder.relative_attention_bias(buckets).permute(2, 0, 1)
+
+
 def unpadded_mpnet_forward(self, input_ids=None, attention_mask=None, **kwargs):
     """MPNetModel.forward on real tokens only. The relative-position bias depends on i - j alone, so one
     [heads, n, n] bias per bucket length serves every sequence and layer (the stock model also computes it once)."""
+    host_lengths = _host_lengths(self, input_ids)
     if _stock_call(input_ids, kwargs):
         return self._stock_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    ids, positions, slots, packed = _pack(input_ids, attention_mask)
+    ids, positions, slots, packed = _pack(input_ids, attention_mask, host_lengths)
     emb = self.embeddings
     x = emb.word_embeddings(ids) + emb.position_embeddings(positions + position_offset(self.config))
     x = emb.dropout(emb.LayerNorm(x))
-    # the stock call (compute_position_bias of a [1, n, .] input), once per bucket length, before the layers
-    packed.score_bias = {
-        n: self.encoder.compute_position_bias(x.new_empty(1, n, 1))[0] for n in packed.bucket_lengths()
-    }
+    packed.score_bias = {n: _mpnet_position_bias(self.encoder, n, x.device) for n in packed.bucket_lengths()}
     x = _run_layers(self, self.encoder.layer, _mpnet_layer, x, packed, self.config.num_attention_heads)
     return _unpack(x, slots, input_ids.shape)
 
@@ -361,9 +422,10 @@ def unpadded_modernbert_forward(self, input_ids=None, attention_mask=None, **kwa
     """ModernBertModel.forward on real tokens only. Rotary positions count from each sequence's first real token
     (the stock forward counts from the first column; attention sees only differences, so the two agree); sliding
     layers attend to |i - j| <= config.sliding_window, as the stock mask."""
+    host_lengths = _host_lengths(self, input_ids)
     if _stock_call(input_ids, kwargs):
         return self._stock_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    ids, positions, slots, packed = _pack(input_ids, attention_mask)
+    ids, positions, slots, packed = _pack(input_ids, attention_mask, host_lengths)
     emb = self.embeddings
     x = emb.drop(emb.norm(emb.tok_embeddings(ids)))
     types_ = self.config.layer_types
@@ -404,6 +466,20 @@ def describe(config) -> str:
     return f"unpadded forward ({config.model_type}{where}; at most {limit} tokens)"
 
 
+def _hand_over_host_lengths(module, args) -> None:
+    """Forward pre-hook of the sentence-transformers module: the collator's host lengths reach the unpadded forward
+    whatever keys sentence-transformers lets through to the HF model."""
+    features = args[0] if args else None
+    if isinstance(features, dict) and features.get(HOST_LENGTHS) is not None:
+        module.auto_model._host_lengths = features[HOST_LENGTHS]
+
+
+def is_enabled(model) -> bool:
+    """Whether any transformer of the SentenceTransformer runs an unpadded forward."""
+    return any(getattr(m, "auto_model", None) is not None and "_stock_forward" in m.auto_model.__dict__
+               for m in model.modules())  # fmt: skip
+
+
 def enable_unpadded(model) -> int:
     """Switch every supported transformer module of a SentenceTransformer to its unpadded forward. Returns how many
     were switched; an unsupported one keeps the stock forward with a WARNING (the run pays for padding)."""
@@ -419,6 +495,7 @@ def enable_unpadded(model) -> int:
             continue
         inner._stock_forward = inner.forward
         inner.forward = types.MethodType(FORWARDS[config.model_type], inner)
+        module.register_forward_pre_hook(_hand_over_host_lengths)
         switched += 1
         device = next(inner.parameters()).device
         if device.type == "cuda":  # decided now, outside any forward, and logged once

@@ -2,14 +2,20 @@
 QKV, gradient checkpointing on the unpadded loop, no host-device sync in the step path, bf16 only where native,
 the encoder's padding, frozen pooler, GPU defaults, and gpu_check.sh refusing to run without a GPU."""
 
+import os
+import traceback
+from pathlib import Path
+
 import pytest
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+from torch.overrides import TorchFunctionMode
 
 from helpers import build_tiny_model
 from model_exploration import cli, models, unpadded
 from model_exploration.encoding import encode_fast
+from model_exploration.losses import GatheredCachedMNRLoss, GatheredMNRLoss
 from model_exploration.training import PreemptionCallback, TokenCounter
 
 TEXTS = ["a short query", "a somewhat longer passage about mitochondria and cell death " * 3, "x", "mid length text"]
@@ -39,6 +45,36 @@ def test_device_errors_surface_and_a_missing_kernel_falls_back_with_its_message(
     monkeypatch.setattr(unpadded, "_varlen_attention", no_kernel)
     assert unpadded.varlen_usable(device, dtype) is False
     assert "RuntimeError: no kernel image is available for execution on the device" in caplog.text
+
+
+def test_accelerator_errors_are_sorted_by_what_they_mean(monkeypatch, caplog):
+    """torch.AcceleratorError is raised for a missing kernel image as for a device fault: a missing kernel falls
+    back (with a warning), out of memory is a resource error (retry smaller), anything else the device raises
+    surfaces."""
+    accelerator_error = torch.AcceleratorError
+    cases = {
+        "CUDA error: no kernel image is available for execution on the device": "missing_kernel",
+        "CUDA error: invalid device function": "missing_kernel",
+        "CUDA error: out of memory": "resource",
+        "CUDA error: an illegal memory access was encountered": "device",
+        "CUDA error: device-side assert triggered": "device",
+    }
+    for message, kind in cases.items():
+        assert unpadded.device_error_kind(accelerator_error(message)) == kind, message
+    assert unpadded.device_error_kind(TypeError("unexpected keyword argument 'window_size'")) == "other"
+    device, dtype = torch.device("cpu"), torch.bfloat16
+    for message, usable in (("CUDA error: no kernel image is available for execution on the device", False),
+                            ("CUDA error: an illegal memory access was encountered", None)):  # fmt: skip
+        unpadded._varlen_usable.clear()
+        monkeypatch.setattr(
+            unpadded, "_varlen_attention", lambda *a, m=message: (_ for _ in ()).throw(accelerator_error(m))
+        )
+        if usable is None:
+            with pytest.raises(accelerator_error):
+                unpadded.varlen_usable(device, dtype)
+        else:
+            assert unpadded.varlen_usable(device, dtype) is usable
+            assert "AcceleratorError: CUDA error: no kernel image" in caplog.text
 
 
 def test_the_probe_works_inside_no_grad_inference_and_checkpointed_forwards(monkeypatch):
@@ -160,16 +196,81 @@ def test_the_step_path_does_not_read_device_values(monkeypatch):
     assert counter.read() == (20.0, 5 * (36 + 120), squares, squares, 5 * (36 + 120)) and reads == ["tolist"]
 
 
-def test_the_unpadded_forward_syncs_once(tiny_model, monkeypatch):
-    model = SentenceTransformer(str(tiny_model), device="cpu")
+class HostReads(TorchFunctionMode):
+    """Records what would stall the host on a GPU: reading device values (.item(), .tolist(), bool(), a nonzero
+    whose output size depends on the data, .cpu()), tensors created on the host (a factory without `device`) and
+    copies to a named device; each entry names our code's line that asked for it."""
+
+    SYNCS = {"tolist", "item", "__bool__", "nonzero", "cpu", "numpy", "__int__", "__float__", "__index__"}
+    FACTORIES = {"arange", "tensor", "zeros", "ones", "full", "empty", "as_tensor"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        to_device = name == "to" and any(isinstance(a, (str, torch.device)) for a in args[1:])
+        if name in self.SYNCS or (name in self.FACTORIES and "device" not in kwargs) or to_device:
+            caller = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}torch{os.sep}" not in f.filename][-1]
+            self.calls.append(f"{name} at {Path(caller.filename).name}:{caller.lineno}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta", "modernbert", "mpnet"])
+@pytest.mark.parametrize("cached", [False, True], ids=["mnrl", "gradcache"])
+def test_a_step_reads_nothing_back_from_the_device_given_host_lengths(arch, cached, tmp_path):
+    """MNRL and GradCache, forward and backward, on a batch with mixed-length buckets: with the lengths our
+    collators count on the host, nothing is read back from the device and nothing is built on the host (masks,
+    slots, MPNet's position bias); without them, one read per forward (and sentence-transformers' GradCache adds
+    its own per chunk, which our chunking replaces when the lengths are there)."""
+    model = SentenceTransformer(str(build_tiny_model(tmp_path, arch=arch, dropout=0.0)), device="cpu")
     unpadded.enable_unpadded(model)
-    reads = []
-    for method in ("item", "tolist"):
-        original = getattr(torch.Tensor, method)
-        monkeypatch.setattr(torch.Tensor, method, lambda self, _o=original, _m=method: reads.append(_m) or _o(self))
-    monkeypatch.setattr(torch.Tensor, "nonzero", lambda *a, **k: pytest.fail("nonzero syncs to size its output"))
-    model(model.preprocess(TEXTS))
-    assert reads == ["tolist"]
+    loss = GatheredCachedMNRLoss(model, mini_batch_size=3) if cached else GatheredMNRLoss(model)
+    queries = [f"query number {i} about things" + " more" * (i % 3) for i in range(8)]
+    passages = ["passage text " * (10 + i % 4) for i in range(8)]
+    for host in (True, False):
+        features = [model.preprocess(queries), model.preprocess(passages)]
+        if host:
+            for f in features:
+                f[unpadded.HOST_LENGTHS] = f["attention_mask"].sum(1).tolist()
+        with HostReads() as reads:
+            loss([dict(f) for f in features], None).backward()
+        ours = [c for c in reads.calls if c.split(" at ")[1].startswith(("unpadded.py", "losses.py"))]
+        if host:
+            assert reads.calls == []
+        else:  # the lengths' read in _pack, once per forward (GradCache: per chunk), and nothing else of ours
+            assert (
+                len(ours) >= (6 if cached else 2) and len(set(ours)) == 1 and ours[0].startswith("tolist at unpadded")
+            )
+
+
+def test_the_trainer_hands_the_collators_host_lengths_to_the_forward(tmp_path, monkeypatch):
+    """Pre-tokenized pairs through the real trainer (collation, device placement, sentence-transformers' feature
+    routing): every forward gets the collator's lengths."""
+    from datasets import Dataset, DatasetDict
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    from model_exploration import pretokenize
+    from model_exploration.training import MixtureTrainer
+
+    model = SentenceTransformer(str(build_tiny_model(tmp_path, arch="roberta")), device="cpu")
+    unpadded.enable_unpadded(model)
+    given = []
+    pack = unpadded._pack
+    monkeypatch.setattr(unpadded, "_pack", lambda ids, mask, host=None: given.append(host) or pack(ids, mask, host))
+    pairs = Dataset.from_dict({"anchor": [t[:20] for t in TEXTS * 4], "positive": TEXTS * 4})
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path / "run"), per_device_train_batch_size=4, max_steps=2, report_to="none",
+        save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    collator = pretokenize.PretokenizedCollator(preprocess_fn=model.preprocess, tokenizer=model.tokenizer,
+                                                host_lengths=unpadded.is_enabled(model))  # fmt: skip
+    MixtureTrainer(model=model, args=args, loss=GatheredMNRLoss(model), data_collator=collator,
+                   train_dataset=DatasetDict({"pairs": pretokenize.tokenize_columns(pairs, model.tokenizer, 128)}),
+                   source_weights={"pairs": 1.0}).train()  # fmt: skip
+    assert len(given) == 4 and all(isinstance(lengths, list) and len(lengths) == 4 for lengths in given)
 
 
 def test_bf16_only_where_the_gpu_computes_it_natively(monkeypatch):
