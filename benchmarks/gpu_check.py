@@ -1,8 +1,9 @@
 """The checks of benchmarks/gpu_check.sh that are not train_throughput.py runs, and its closing summary.
 
+    python benchmarks/gpu_check.py install --wheels W --site S  # the wheels into S, with pip or without it
     python benchmarks/gpu_check.py versions --out OUT           # one line: python, torch, CUDA, GPU, libraries
     python benchmarks/gpu_check.py sample --scratch S -- ARGS   # --stage sample run of INDUS-SDE's random RoBERTa
-    python benchmarks/gpu_check.py probe --out OUT --scratch S  # varlen, equal (per architecture), syncs
+    python benchmarks/gpu_check.py probe --out OUT --scratch S  # attention values, equal (per architecture), syncs
     python benchmarks/gpu_check.py summary --out OUT --scratch S   # the table and the closing line
 
 Every result is appended as one JSON line to OUT/gpu_check.jsonl the moment it exists (train_throughput.py's rows
@@ -10,13 +11,18 @@ land in the same file), so a step stopped at its time limit loses only what it h
 is recorded with its error and the next one runs. With GPU_CHECK_REHEARSAL=1 the same checks run on CPU at tiny
 shapes (gpu_check.sh passes them); CUDA-only checks are recorded as skipped there, never as passed.
 
-  varlen   torch.nn.attention.varlen imports; varlen_attn runs forward and backward in bf16, with and without a
-           sliding window
-  equal    per architecture (BERT, INDUS-SDE's RoBERTa, ModernBERT), random init, stock vs unpadded forward under
-           the training dtype: embedding cosine >= 0.999, MNRL loss and gradients within tolerance (bf16 on CUDA), and
-           on CUDA the varlen kernel used (no fallback to bucketed SDPA)
-  syncs    host-device synchronizations per training step of our trainer, counted by
-           torch.cuda.set_sync_debug_mode("warn") over steps 3..7
+  attention  the attention kernels' values (model_exploration/attention_check.py): varlen_attn (CUDA) and the
+             bucketed SDPA path against a dense fp32 reference, bf16, peaked softmax, lengths 300/129/65/64/1, with
+             and without a 64-token window, outputs and gradients; on CUDA varlen_attn must be usable
+  equal      per architecture (BERT, INDUS-SDE's RoBERTa at 1,024, ModernBERT, MPNet), a model whose attention
+             matters through the stock and the unpadded forward in the training dtype: token states, MNRL loss and
+             gradients against the stock fp32 forward, at most a few times the stock forward's own error; on CUDA
+             the varlen kernel used (no fallback to bucketed SDPA)
+  syncs      host-device synchronizations per optimizer step of our trainer (pre-tokenized pairs, host lengths,
+             pinned memory), counted by torch.cuda.set_sync_debug_mode("warn") over steps 3..7, per architecture
+             and for GradCache; the goal is at most one
+A speed-up is reported only when the equality it depends on held in this run (training: `equal` of its
+architecture; encoding: the rows' own agreement), else it is marked invalid.
 """
 
 from __future__ import annotations
@@ -35,7 +41,10 @@ from pathlib import Path
 
 from model_exploration.keys import REPO_ROOT
 
-SPEC_PEAK_TFLOPS = {"H100": 989, "H200": 989}  # dense bf16, NVIDIA's data sheets (SXM)
+# dense (not sparse) bf16 tensor-core TFLOP/s from NVIDIA's data sheets; the first name the GPU's name contains wins
+SPEC_PEAK_TFLOPS = (("H200 NVL", 835), ("H200", 989), ("H100 NVL", 835), ("H100 PCIe", 756), ("H100", 989),
+                    ("A100", 312), ("L40S", 362))  # fmt: skip
+SYNC_GOAL = 1  # host-device syncs per optimizer step
 REHEARSAL = os.environ.get("GPU_CHECK_REHEARSAL") == "1"
 LOG_NAME = "gpu_check.jsonl"
 # the shapes of the rehearsal: seconds on one CPU core, every code path of the GPU run
@@ -79,6 +88,37 @@ def version_of(package: str) -> str | None:
         return None
 
 
+def install(wheels: Path, site: Path, unpack: bool = False) -> str:
+    """The wheels of `wheels` into `site`, without their dependencies (the image's torch and transformers stay): with
+    pip where the image has it, else (or with `unpack`) by unpacking them, which is all pip does for these
+    pure-Python wheels (a wheel's *.data/purelib and platlib land in the site root, as pip puts them). Returns how."""
+    import importlib.util
+    import shutil
+    import subprocess
+    import zipfile
+
+    files = sorted(wheels.glob("*.whl"))
+    if not files:
+        raise FileNotFoundError(f"no .whl files in {wheels}")
+    site.mkdir(parents=True, exist_ok=True)
+    if importlib.util.find_spec("pip") is not None and not unpack:
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                        "--no-cache-dir", "--target", str(site), *map(str, files)], check=True)  # fmt: skip
+        return "pip"
+    for wheel in files:
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(site)
+    for data in site.glob("*.data"):
+        for scheme in ("purelib", "platlib"):
+            for item in (data / scheme).glob("*"):
+                if item.is_dir():
+                    shutil.copytree(item, site / item.name, dirs_exist_ok=True)
+                else:
+                    shutil.copy2(item, site / item.name)
+        shutil.rmtree(data)
+    return "unpacked"
+
+
 def versions(out: Path) -> None:
     """One line with what the check runs on: read from package metadata (nothing heavy is imported but torch)."""
     import torch
@@ -102,22 +142,27 @@ def build(scratch: Path, arch: str, preset: str) -> Path:
 
 
 def texts(n: int, seed: int = 0) -> tuple[list[str], list[str]]:
-    """Queries ~14 words, passages lognormal around 160 words, from SciFact's vocabulary (the benchmark's mix)."""
-    bench = throughput_script()
-    data = bench.synthetic_pairs(n, seed, bench.corpus_words())
+    """The bundled pairs' queries and passages (train_throughput.py's real-text mix)."""
+    data = throughput_script().mix_pairs("real", n, seed)
     return data["anchor"], data["positive"]
 
 
-def check_varlen() -> dict:
+def check_attention() -> dict:
+    """The attention kernels against the dense reference in bf16 (attention_check.check_kernels); on CUDA
+    varlen_attn must be among them, with and without a window."""
     import torch
-    from torch.nn.attention.varlen import varlen_attn  # noqa: F401 - the import itself is part of the check
 
-    from model_exploration import unpadded
+    from model_exploration import attention_check
 
-    usable = {f"windowed={w}": unpadded.varlen_usable(torch.device("cuda"), torch.bfloat16, w) for w in (False, True)}
-    if not all(usable.values()):
-        raise RuntimeError(f"varlen_attn not usable in bf16 ({usable}; see the warning in probe.log)")
-    return usable
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    report = attention_check.check_kernels(device, torch.bfloat16)
+    failures = report.pop("failures")
+    if device.type == "cuda":
+        failures += [f"varlen_attn unusable{' with a window' if w else ''} (see probe.log)"
+                     for w in (None, 64) if f"varlen window={w}" not in report]  # fmt: skip
+    if failures:
+        raise RuntimeError("; ".join(failures))
+    return {"errors": report}
 
 
 def counted(fn, calls: dict, key: str):
@@ -130,69 +175,50 @@ def counted(fn, calls: dict, key: str):
 
 
 def check_equal(model_dir: Path, max_len: int) -> dict:
-    """Stock vs unpadded forward under the training dtype, eval mode (no dropout): same embeddings, loss and
-    gradients within tolerance, and on CUDA the varlen kernel used for every attention call."""
+    """attention_check.check_model in the training dtype (bf16; also in the CPU rehearsal), with the model's
+    longest input among the lengths; on CUDA the varlen kernel must serve every attention call."""
     import torch
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
-    from model_exploration import unpadded
-    from model_exploration.models import bf16_native, device
+    from model_exploration import attention_check, unpadded
+    from model_exploration.models import device
 
     dev = device()
-    queries, passages = texts(16 if REHEARSAL else 64)
-    results = {}
-    for name in ("stock", "unpadded"):
-        model = SentenceTransformer(str(model_dir), device=str(dev))
-        model.max_seq_length = max_len
-        calls = {"varlen": 0, "bucketed": 0}
-        if name == "unpadded":
-            unpadded.enable_unpadded(model)
-            for kernel, attr in (("varlen", "_varlen_attention"), ("bucketed", "_bucketed_attention")):
-                setattr(unpadded, attr, counted(getattr(unpadded, attr), calls, kernel))
-        model.eval()
-        features = [model.preprocess(queries), model.preprocess(passages)]
-        features = [{k: v.to(dev) if torch.is_tensor(v) else v for k, v in f.items()} for f in features]
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16_native(dev)):
-            embeddings = model(dict(features[1]))["sentence_embedding"].float().detach()
-            model.zero_grad()
-            loss = MultipleNegativesRankingLoss(model)([dict(f) for f in features], None)
-        loss.backward()
-        grads = torch.cat(
-            [p.grad.float().flatten() for n, p in model.named_parameters() if p.grad is not None and "pooler" not in n]
-        )
-        results[name] = {"embeddings": embeddings, "loss": loss.item(), "grads": grads, "calls": calls}
-        for attr in ("_varlen_attention", "_bucketed_attention"):  # undo the counting wrappers
-            if hasattr(getattr(unpadded, attr), "__wrapped__"):
-                setattr(unpadded, attr, getattr(unpadded, attr).__wrapped__)
-    stock, fast = results["stock"], results["unpadded"]
-    cosine = torch.nn.functional.cosine_similarity(stock["embeddings"], fast["embeddings"]).min().item()
-    loss_rel = abs(stock["loss"] - fast["loss"]) / abs(stock["loss"])
-    grad_rel = ((stock["grads"] - fast["grads"]).norm() / stock["grads"].norm()).item()
-    report = {"min_cosine": cosine, "loss_rel_err": loss_rel, "grad_rel_err": grad_rel, **fast["calls"]}
+    model = SentenceTransformer(str(model_dir), device=str(dev))
+    model.max_seq_length = max_len
+    calls = {"varlen": 0, "bucketed": 0}
+    originals = {attr: getattr(unpadded, attr) for attr in ("_varlen_attention", "_bucketed_attention")}
+    for kernel, attr in (("varlen", "_varlen_attention"), ("bucketed", "_bucketed_attention")):
+        setattr(unpadded, attr, counted(originals[attr], calls, kernel))
+    try:
+        lengths = (max_len, *attention_check.KERNEL_LENGTHS)
+        report = attention_check.check_model(model, torch.bfloat16, lengths)
+    finally:
+        for attr, fn in originals.items():
+            setattr(unpadded, attr, fn)
+    failures = report.pop("failures")
     cuda = dev.type == "cuda"
-    failures = [
-        f"min cosine {cosine:.5f} < 0.999" if cosine < 0.999 else "",
-        f"loss relative error {loss_rel:.2e} > 2e-2" if loss_rel > 2e-2 else "",
-        f"gradient relative error {grad_rel:.2e} > 5e-2" if grad_rel > 5e-2 else "",
-        "the bucketed fallback ran" if cuda and fast["calls"]["bucketed"] else "",
-        "varlen_attn never ran" if cuda and not fast["calls"]["varlen"] else "",
-    ]
-    if any(failures):
-        raise RuntimeError(f"unpadded != stock: {'; '.join(f for f in failures if f)} ({report})")
-    return report
+    arch = model[0].auto_model.config.model_type
+    if cuda and arch != "mpnet":  # MPNet's score bias always takes the bucketed path (varlen_attn takes no bias)
+        failures += ["the bucketed fallback ran" if calls["bucketed"] else "", "" if calls["varlen"] else
+                     "varlen_attn never ran"]  # fmt: skip
+    failures = [f for f in failures if f]
+    if failures:
+        raise RuntimeError(f"unpadded != stock: {'; '.join(failures)} ({report})")
+    return report | calls
 
 
-def check_syncs(model_dir: Path, work: Path, steps: tuple[int, int] = (3, 8)) -> dict:
-    """Synchronizing CUDA calls per optimizer step of our trainer (pre-tokenized pairs, pinned memory, batch 32),
-    counted by torch's sync debug mode over steps [first, last)."""
+def check_syncs(model_dir: Path, work: Path, cached: bool = False, steps: tuple[int, int] = (3, 8)) -> dict:
+    """Synchronizing CUDA calls per optimizer step of our trainer (pre-tokenized pairs with host lengths, pinned
+    memory, batch 32; GradCache in chunks of 8 with `cached`), counted by torch's sync debug mode over steps
+    [first, last)."""
     import torch
     from datasets import Dataset, DatasetDict
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
     from transformers import TrainerCallback
 
     from model_exploration import pretokenize, unpadded
-    from model_exploration.losses import GatheredMNRLoss
+    from model_exploration.losses import GatheredCachedMNRLoss, GatheredMNRLoss
     from model_exploration.models import freeze_unused_pooler
     from model_exploration.training import MixtureTrainer
 
@@ -229,13 +255,16 @@ def check_syncs(model_dir: Path, work: Path, steps: tuple[int, int] = (3, 8)) ->
         warmup_steps=0, bf16=True, report_to="none", save_strategy="no", logging_steps=10**9, disable_tqdm=True,
         logging_nan_inf_filter=False, accelerator_config={"non_blocking": True}, dataloader_num_workers=2,
     )  # fmt: skip
+    loss = GatheredCachedMNRLoss(model, mini_batch_size=8) if cached else GatheredMNRLoss(model)
     trainer = MixtureTrainer(
-        model=model, args=args, train_dataset=DatasetDict({"pairs": tokens}), loss=GatheredMNRLoss(model),
+        model=model, args=args, train_dataset=DatasetDict({"pairs": tokens}), loss=loss,
         source_weights={"pairs": 1.0}, callbacks=[SyncCounter()],
-        data_collator=pretokenize.PretokenizedCollator(preprocess_fn=model.preprocess, tokenizer=model.tokenizer),
+        data_collator=pretokenize.PretokenizedCollator(preprocess_fn=model.preprocess, tokenizer=model.tokenizer,
+                                                       host_lengths=True),
     )  # fmt: skip
     trainer.train()
-    return {"syncs_per_step": sum(syncs) / len(syncs), "syncs_by_step": syncs}
+    per_step = sum(syncs) / len(syncs)
+    return {"syncs_per_step": per_step, "syncs_by_step": syncs, "goal_met": per_step <= SYNC_GOAL}
 
 
 def attempt(out: Path, kind: str, fn, *args, **fields) -> bool:
@@ -252,24 +281,28 @@ def attempt(out: Path, kind: str, fn, *args, **fields) -> bool:
     return True
 
 
+# the architectures the workflow trains, at the shape of their base models: (arch, preset)
+EQUALITY_MODELS = (("bert", "bert-base"), ("roberta", "indus-sde"), ("modernbert", "bert-base"), ("mpnet", "bert-base"))
+
+
 def probe(out: Path, scratch: Path) -> int:
+    """The value checks, before any timing: attention kernels, then stock == unpadded per architecture, then the
+    syncs of a training step per architecture and for GradCache (CUDA only)."""
     import torch
 
     cuda = torch.cuda.is_available()
-    ok = True
-    if cuda:
-        ok &= attempt(out, "varlen", check_varlen)
-    else:
-        record(out, "varlen", ok=None, skipped="no CUDA (CPU rehearsal): varlen_attn is a CUDA kernel")
-    # INDUS-SDE's RoBERTa at its 1,024 tokens, BERT-base at 512, ModernBERT-base's layout (windows of 128)
-    for arch, preset in (("bert", "bert-base"), ("roberta", "indus-sde"), ("modernbert", "bert-base")):
-        max_len = 64 if REHEARSAL else throughput_script().PRESETS[preset]["max_len"]
+    ok = attempt(out, "attention", check_attention)
+    for arch, preset in EQUALITY_MODELS:
+        max_len = 128 if REHEARSAL else throughput_script().PRESETS[preset]["max_len"]
         ok &= attempt(out, "equal", lambda a=arch, p=preset, m=max_len: check_equal(build(scratch, a, p), m),
                       arch=arch, preset=preset)  # fmt: skip
-    if cuda:
-        ok &= attempt(out, "syncs", lambda: check_syncs(build(scratch, "bert", "bert-base"), scratch))
-    else:
-        record(out, "syncs", ok=None, skipped="no CUDA (CPU rehearsal): host-device syncs exist on CUDA only")
+    for arch, preset, cached in [(a, p, False) for a, p in EQUALITY_MODELS] + [("bert", "bert-base", True)]:
+        if not cuda:
+            record(out, "syncs", arch=arch, cached=cached, ok=None,
+                   skipped="no CUDA (CPU rehearsal): host-device syncs exist on CUDA only")  # fmt: skip
+            continue
+        ok &= attempt(out, "syncs", lambda a=arch, p=preset, c=cached: check_syncs(build(scratch, a, p), scratch, c),
+                      arch=arch, cached=cached)  # fmt: skip
     return 0 if ok else 1
 
 
@@ -294,46 +327,70 @@ def sample_run_mfu(scratch: Path) -> dict | None:
     return logged[-1] if logged else None
 
 
+def spec_peak_tflops(gpu: str) -> float | None:
+    return next((peak for name, peak in SPEC_PEAK_TFLOPS if name in gpu), None)
+
+
+HEADLINE = {"bert-base": "", "indus-sde": "indus_"}  # figure name prefix per preset
+
+
+def speedup_figures(log: list[dict]) -> list[str]:
+    """speedup_<kind>_<mix>=X per measured ratio (train_throughput.py's `ratios` lines), each valid only if the
+    equality it rests on held in this run: `equal` of its architecture for training, the encoders' agreement for
+    encoding."""
+    equal_ok = {e["arch"] for e in log if e["kind"] == "equal" and e.get("ok")}
+    figures = []
+    for entry in (e for e in log if e["kind"] == "ratios" and e["preset"] in HEADLINE):
+        prefix = HEADLINE[entry["preset"]]
+        for key, ratio in entry["ratios"].items():
+            if key not in ("train", "model", "cached", "encode"):
+                continue
+            name = f"{prefix}speedup_{key}_{entry['mix']}"
+            if key == "encode" and not entry.get("encode_agree", False):
+                figures.append(f"{name}=invalid(encode disagrees: min cosine {entry.get('min_cosine')})")
+            elif key != "encode" and entry["arch"] not in equal_ok:
+                figures.append(f"{name}=invalid(equal/{entry['arch']} did not pass)")
+            else:
+                figures.append(f"{name}={ratio['median']:.2f}")
+    return figures
+
+
 def summary(out: Path, scratch: Path) -> int:
-    """The measured table and the closing line (what failed, what was skipped, each speed-up that exists)."""
+    """The measured table and the closing line (what failed, what was skipped, each valid speed-up)."""
     log = read_log(out)
     version = next((e for e in log if e["kind"] == "versions"), {})
     gpu = version.get("gpu", "?")
-    spec = next((peak for name, peak in SPEC_PEAK_TFLOPS.items() if name in gpu), None)
+    spec = spec_peak_tflops(gpu)
     rows = [e for e in log if e["kind"] == "row"]
     sample = sample_run_mfu(scratch)
     if sample:
         record(out, "sample_run", **{k: sample[k] for k in ("pairs_per_s", "tokens_per_s", "mfu",
                                                             "model_tflops_per_device") if k in sample})  # fmt: skip
-    print("\n| preset | arch | path | pairs/s (passages/s) | MFU (measured peak) | MFU (spec peak) | peak GB |")
-    print("|---|---|---|---|---|---|---|")
-    rate: dict[tuple, float] = {}
+    print("\n| preset | arch | mix | path | pairs/s (passages/s) [IQR] | padding | MFU (measured peak) | "
+          "MFU (spec peak) | peak GB | batch |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        value = row.get("pairs_per_s", row.get("passages_per_s"))
-        rate[(row["preset"], row["arch"], row["path"])] = value
+        kind = "pairs" if "pairs_per_s" in row else "passages"
+        iqr = f" [{row[f'{kind}_per_s_p25']:.1f}-{row[f'{kind}_per_s_p75']:.1f}]" if f"{kind}_per_s_p25" in row else ""
         tflops = row.get("model_tflops_per_device")
-        spec_mfu = f"{tflops * 1e12 / (spec * 1e12):.1%}" if tflops and spec and not REHEARSAL else ""
+        spec_mfu = f"{tflops / spec:.1%}" if tflops and spec and not REHEARSAL else ""
         mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else ""
+        padding = f"{row['padding_share']:.0%}" if row.get("padding_share") is not None else ""
         peak = f"{row['peak_gb']:.1f}" if row.get("peak_gb") is not None else ""
-        print(f"| {row['preset']} | {row['arch']} | {row['path']} | {value:.1f} | {mfu} | {spec_mfu} | {peak} |")
-    figures = []
-    for name, preset, arch, ours, plain in (
-        ("speedup_train", "bert-base", "bert", "ours mnrl", "plain mnrl"),
-        ("speedup_model", "bert-base", "bert", "ours mnrl", "plain mnrl pretok"),
-        ("speedup_encode", "bert-base", "bert", "ours encode", "plain encode"),
-        ("speedup_cached", "bert-base", "bert", "ours cached", "plain cached"),
-        ("indus_speedup_train", "indus-sde", "roberta", "ours mnrl", "plain mnrl"),
-    ):
-        if (preset, arch, ours) in rate and (preset, arch, plain) in rate:
-            figures.append(f"{name}={rate[(preset, arch, ours)] / rate[(preset, arch, plain)]:.2f}")
+        print(f"| {row['preset']} | {row['arch']} | {row.get('mix', '')} | {row['path']} | "
+              f"{row[f'{kind}_per_s']:.1f}{iqr} | {padding} | {mfu} | {spec_mfu} | {peak} | {row.get('batch_size', '')} |")  # fmt: skip
+    figures = speedup_figures(log)
     ours_bert = next((r for r in rows if (r["preset"], r["arch"], r["path"]) == ("bert-base", "bert", "ours mnrl")), {})
     if ours_bert.get("model_tflops_per_device") and spec and not REHEARSAL:
         figures.append(f"mfu_spec={ours_bert['model_tflops_per_device'] / spec:.3f}")
     if sample:
         figures.append(f"sample_mfu={sample['mfu']:.3f}")
-    syncs = next((e for e in log if e["kind"] == "syncs" and e.get("ok")), None)
+    syncs = [e for e in log if e["kind"] == "syncs" and e.get("ok")]
     if syncs:
-        figures.append(f"syncs_per_step={syncs['syncs_per_step']:.1f}")
+        per_arch = ",".join(
+            f"{e['arch']}{'-cached' if e.get('cached') else ''}:{e['syncs_per_step']:.1f}" for e in syncs
+        )
+        figures.append(f"syncs_per_step={per_arch}")
     failed = [f"{e['kind']}{'/' + e['arch'] if 'arch' in e else ''}" for e in log if e.get("ok") is False]
     failed += [f"step {e['name']} (exit {e['rc']})" for e in log if e["kind"] == "step" and e["rc"] != 0]
     skipped = [f"step {e['name']}" for e in log if e["kind"] == "step" and e.get("skipped")]
@@ -348,12 +405,19 @@ def summary(out: Path, scratch: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("step", choices=["versions", "probe", "sample", "summary"])
+    parser.add_argument("step", choices=["install", "versions", "probe", "sample", "summary"])
     parser.add_argument("--out", type=Path, help="the small-files folder ($OUT)")
     parser.add_argument("--scratch", type=Path, help="models and runs (never in --out)")
+    parser.add_argument("--wheels", type=Path, help="install: the folder of wheels")
+    parser.add_argument("--site", type=Path, help="install: where they go (put on PYTHONPATH)")
+    parser.add_argument("--unpack", action="store_true", help="install: unpack even where pip exists")
     argv = sys.argv[1:] if argv is None else argv
     own, extra = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = parser.parse_args(own)  # after "--": the entry script's flags (sample)
+    if args.step == "install":
+        print(f"installed {len(list(args.wheels.glob('*.whl')))} wheels into {args.site} "
+              f"({install(args.wheels, args.site, args.unpack)})")  # fmt: skip
+        return 0
     if args.step == "versions":
         versions(args.out)
         return 0

@@ -81,7 +81,7 @@ def run(argv: list[str] | None) -> Path:
         raise UserError(f"--sources: {unmatched} match no loaded source; loaded: {sorted(loaded)}")
     settings = MiningSettings(args.mining_model or args.model_name, args.relative_margin, args.num_negatives,
                               args.range_max, args.seed, args.mining_batch_size)  # fmt: skip
-    model = load_sentence_transformer(mirror.model(settings.model_name), flag="--mining_model", inference_dtype=True)
+    model = load_sentence_transformer(mirror.model(settings.model_name), flag="--mining_model")
     if args.model_max_len:
         set_max_len(model, args.model_max_len)
     unpadded.enable_unpadded(model)

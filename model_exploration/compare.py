@@ -28,7 +28,7 @@ from model_exploration.encoding import encode_fast
 from model_exploration.errors import UserError, exit_status
 from model_exploration.fetch import Mirror
 from model_exploration.keys import short_hash, slug
-from model_exploration.models import load_sentence_transformer
+from model_exploration.models import capped_len, load_sentence_transformer
 from model_exploration.reporting import read_json
 
 logger = logging.getLogger("compare")
@@ -113,8 +113,7 @@ def model_fingerprint(model_name: str) -> str:
     return short_hash(payload)
 
 
-def cached_corpus_embeddings(model, model_name: str, benchmark, args, cache_root: Path) -> torch.Tensor:
-    max_len = args.max_seq_length or model.max_seq_length
+def cached_corpus_embeddings(model, model_name: str, benchmark, args, cache_root: Path, max_len: int) -> torch.Tensor:
     key = short_hash(f"{model_fingerprint(model_name)}|{benchmark.fingerprint()}|{max_len}")
     path = cache_root / slug(model_name) / f"{slug(benchmark.name)}-{key}.npy"
     if path.exists():
@@ -122,7 +121,7 @@ def cached_corpus_embeddings(model, model_name: str, benchmark, args, cache_root
             return torch.from_numpy(np.load(path))
         except (ValueError, OSError, EOFError):
             logger.warning("embedding cache %s is unreadable; encoding the corpus again", path)
-    emb = encode_fast(model, benchmark.corpus_texts, args.token_budget, args.max_seq_length, show_progress_bar=True)
+    emb = encode_fast(model, benchmark.corpus_texts, args.token_budget, max_len, show_progress_bar=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as f:
@@ -132,7 +131,8 @@ def cached_corpus_embeddings(model, model_name: str, benchmark, args, cache_root
 
 
 def load_model(name: str, unpad: bool = True):
-    model = load_sentence_transformer(name, flag="--models", inference_dtype=True)
+    """fp32 weights, encoded under the trainer's autocast (encode_fast): the scores of its in-training evaluation."""
+    model = load_sentence_transformer(name, flag="--models")
     if unpad:
         unpadded.enable_unpadded(model)
     return model
@@ -169,17 +169,18 @@ def run(argv: list[str] | None = None) -> dict:
             logger.info("%s: all benchmarks already in %s, skipped", model_name, out / "results.json")
             continue
         model = load_model(mirror.model(model_name), args.unpad)
+        max_len = capped_len(model, args.max_seq_length or model.max_seq_length, "--max_seq_length")
         for spec in todo:
             if spec not in loaded:
                 loaded[spec] = load_benchmarks(spec, mirror, args.doc_fields)
             rows: dict[str, dict] = {}
             for benchmark in loaded[spec]:
-                corpus_emb = cached_corpus_embeddings(model, model_name, benchmark, args, out / "embeddings")
+                corpus_emb = cached_corpus_embeddings(model, model_name, benchmark, args, out / "embeddings", max_len)
                 rows.update(
                     evaluation.evaluate_benchmark(
                         benchmark,
                         corpus_emb,
-                        partial(encode_fast, model, token_budget=args.token_budget, max_seq_length=args.max_seq_length),
+                        partial(encode_fast, model, token_budget=args.token_budget, max_seq_length=max_len),
                         precisions=("float32", precisions[model_name]),
                         rescore_multiplier=args.rescore_multiplier,
                         ignore_identical_ids=args.ignore_identical_ids,

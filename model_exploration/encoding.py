@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from model_exploration import unpadded
-from model_exploration.models import bf16_native
+from model_exploration.models import inference_autocast
 from model_exploration.pretokenize import pad_ids
 from model_exploration.unpadded import HOST_LENGTHS
 
@@ -100,7 +100,6 @@ def encode_fast(
     lengths = np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))
     batches = token_budget_batches(lengths, token_budget)
     device = model.device
-    use_bf16 = bf16_native(device)
     pin = device.type == "cuda"
     # Embeddings land in batch order in a (pinned) host buffer by non-blocking copies: no per-batch sync; put
     # back in input order once at the end.
@@ -111,7 +110,7 @@ def encode_fast(
     padded = _padded_batches(tokenizer, encoded, batches, pin, lengths if unpadded.is_enabled(model) else None)
     for batch, features in zip(batches, _prefetch(padded, prefetch)):
         features = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in features.items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with inference_autocast(device):
             embeddings = model(features)["sentence_embedding"]
         in_batch_order[start : start + len(batch)].copy_(embeddings.float(), non_blocking=True)
         start += len(batch)

@@ -26,6 +26,7 @@ from sentence_transformers.util.distributed import distributed_evaluation
 
 from model_exploration import distributed
 from model_exploration.benchmarks import Benchmark, validation_benchmark
+from model_exploration.models import inference_autocast
 from model_exploration.reporting import TABLE_COLUMNS
 from model_exploration.retrieval import (
     CUTOFFS,
@@ -50,9 +51,10 @@ def encode(
     work across DDP ranks). `max_seq_length` applies to this call only, on every rank, so a model trained on
     shorter texts is still evaluated under the benchmark's protocol."""
     kwargs = {"processing_kwargs": {"text": {"max_length": max_seq_length}}} if max_seq_length else {}
-    emb = model.encode(
-        texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress_bar, **kwargs
-    )
+    with inference_autocast(model.device):
+        emb = model.encode(
+            texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress_bar, **kwargs
+        )
     return emb.float().cpu()
 
 
@@ -266,11 +268,12 @@ def member(evaluator, name: str) -> RetrievalEvaluator | None:
 
 
 def benchmark_rows(model, evaluator: RetrievalEvaluator | None) -> dict[str, dict]:
-    """Benchmark a model on every rank together: rank 0 runs the evaluator, the others serve its encoding."""
+    """Benchmark a model on every rank together: rank 0 runs the evaluator, the others serve its encoding (under
+    the same autocast: they serve from inside the context)."""
     if evaluator is None:
         return {}
     rows = {}
-    with distributed_evaluation(model) as runs_evaluator:
+    with inference_autocast(model.device), distributed_evaluation(model) as runs_evaluator:
         if runs_evaluator:
             rows = evaluator.compute_rows(model)
     return distributed.broadcast_object(rows)

@@ -37,16 +37,13 @@ def compute_dtype(dev: torch.device | None = None) -> torch.dtype:
     return torch.bfloat16 if bf16_native(dev) else torch.float32
 
 
-def load_sentence_transformer(name: str, flag: str = "--model_name", inference_dtype: bool = False):
-    """A SentenceTransformer from a local folder or a hub id, on this process's device; any failure is one line
-    naming the flag. `inference_dtype`: weights in the compute dtype (evaluation only; training keeps fp32
-    master weights and autocasts)."""
+def load_sentence_transformer(name: str, flag: str = "--model_name"):
+    """A SentenceTransformer (fp32 weights) from a local folder or a hub id, on this process's device; any failure
+    is one line naming the flag."""
     from sentence_transformers import SentenceTransformer
 
-    dev = device()
-    kwargs = {"model_kwargs": {"dtype": compute_dtype(dev)}} if inference_dtype and bf16_native(dev) else {}
     try:
-        return SentenceTransformer(name, device=str(dev), **kwargs)
+        return SentenceTransformer(name, device=str(device()))
     except Exception as exc:  # noqa: BLE001 - any loading failure becomes one actionable line
         where = "local folder" if Path(name).exists() else "hub id (not a local folder)"
         raise UserError(
@@ -87,15 +84,27 @@ def transformer_config(name: str):
         return None
 
 
-def set_max_len(model, wanted: int, flag: str = "--model_max_len") -> int:
-    """max_seq_length = wanted, capped at the model's usable length (beyond it learned-position models index out
-    of range); returns the length set."""
+def capped_len(model, wanted: int, flag: str) -> int:
+    """`wanted` tokens, capped at the model's usable length (beyond it learned-position models index out of range:
+    an IndexError on CPU, a sticky device-side assert on CUDA), with a one-line warning naming the flag."""
     limit = usable_max_len(model[0].auto_model.config) or wanted
     if wanted > limit:
         logger.warning("%s %d exceeds the %d tokens this model can embed (its position table); using %d", flag,
                        wanted, limit, limit)  # fmt: skip
-    model.max_seq_length = min(wanted, limit)
+    return min(wanted, limit)
+
+
+def set_max_len(model, wanted: int, flag: str = "--model_max_len") -> int:
+    """max_seq_length = wanted, capped at the model's usable length; returns the length set."""
+    model.max_seq_length = capped_len(model, wanted, flag)
     return model.max_seq_length
+
+
+def inference_autocast(dev: torch.device):
+    """The autocast every evaluation runs under: bf16 over the fp32 weights where the GPU computes it natively, as
+    the trainer's forward does (accelerate's mixed precision), so scores before, during and after training and in
+    compare.py come from the same arithmetic."""
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16_native(dev))
 
 
 def freeze_unused_pooler(model) -> int:

@@ -36,6 +36,7 @@ import numpy as np
 import yaml
 
 from model_exploration.errors import UserError
+from model_exploration.models import inference_autocast
 from model_exploration.reporting import write_atomic
 from model_exploration.sources import SourceSpec
 
@@ -182,21 +183,22 @@ def mine_source(train, model, settings: MiningSettings, plan: MiningPlan, dest: 
                 else (pairs.select(rows) for rows in plan.chunk_rows(anchors, settings.seed))
             )
             for chunk in chunks:
-                mined = mine_hard_negatives(
-                    chunk,
-                    model,
-                    anchor_column_name="anchor",
-                    positive_column_name="positive",
-                    relative_margin=settings.relative_margin,
-                    num_negatives=settings.num_negatives,
-                    range_max=settings.range_max,
-                    sampling_strategy="top",
-                    output_format="triplet" if settings.num_negatives == 1 else "n-tuple",
-                    batch_size=settings.batch_size,
-                    faiss_batch_size=plan.query_block,
-                    use_faiss=importlib.util.find_spec("faiss") is not None,
-                    verbose=True,
-                )
+                with inference_autocast(model.device):  # the arithmetic of every evaluation (models.py)
+                    mined = mine_hard_negatives(
+                        chunk,
+                        model,
+                        anchor_column_name="anchor",
+                        positive_column_name="positive",
+                        relative_margin=settings.relative_margin,
+                        num_negatives=settings.num_negatives,
+                        range_max=settings.range_max,
+                        sampling_strategy="top",
+                        output_format="triplet" if settings.num_negatives == 1 else "n-tuple",
+                        batch_size=settings.batch_size,
+                        faiss_batch_size=plan.query_block,
+                        use_faiss=importlib.util.find_spec("faiss") is not None,
+                        verbose=True,
+                    )
                 pairs_of_chunk = known_pairs(chunk)
                 for batch in mined.iter(batch_size=1000):
                     written = []

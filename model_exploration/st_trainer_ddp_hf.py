@@ -33,6 +33,7 @@ from model_exploration.fetch import Mirror, default_root
 from model_exploration.losses import GatheredCachedMNRLoss, GatheredMNRLoss
 from model_exploration.models import (
     bf16_native,
+    capped_len,
     freeze_unused_pooler,
     load_sentence_transformer,
     set_max_len,
@@ -338,7 +339,8 @@ def run(argv: list[str] | None = None) -> None:
         train_sets = {s.spec.name: s.train for s in sources}
 
     precisions = ("float32", "ubinary") if args.bat else ("float32",)
-    evaluator = prepare_evaluators(sources, benchmarks, args.eval_batch_size, args.eval_max_len or native_max_len,
+    eval_max_len = capped_len(model, args.eval_max_len or native_max_len, "--eval_max_len")
+    evaluator = prepare_evaluators(sources, benchmarks, args.eval_batch_size, eval_max_len,
                                    precisions, args.ignore_identical_ids, args.matryoshka_dims or ())  # fmt: skip
     benchmark_evaluator = evaluation.member(evaluator, "benchmarks")
     starting_rows = (
@@ -392,7 +394,7 @@ def run(argv: list[str] | None = None) -> None:
         card_table |= {"this model": final_rows} if final_rows else {}
         command = release.command_line(sys.argv[1:] if argv is None else argv)
         section = release.run_section(card_table, benchmarks, sources, command, distributed.world_size(),
-                                      args.eval_max_len or native_max_len)  # fmt: skip
+                                      eval_max_len)  # fmt: skip
         logger.info("model card with this run's results: %s", release.write_model_card(model, final_dir, section))
         if wandb_callback and wandb_callback.log_final_model(final_dir):  # WANDB_LOG_MODEL=end
             logger.info("final model logged to W&B as artifact model-%s", output_dir.name)

@@ -247,3 +247,39 @@ def test_comparison_cli_bad_benchmark_is_one_line(tiny_model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: beir:missing: BEIR folder not found")
     assert "Traceback" not in err
+
+
+def test_every_evaluation_runs_under_the_training_autocast(model, small_beir, monkeypatch):
+    """Where the GPU computes bf16 natively, the starting model's rows, the in-training evaluator and compare.py's
+    encoder all run under the trainer's bf16 autocast (over fp32 weights), so their scores come from the same
+    arithmetic. Forced here on the CPU, whose bf16 autocast is real."""
+    from model_exploration import models
+    from model_exploration.encoding import encode_fast
+
+    monkeypatch.setattr(models, "bf16_native", lambda dev=None: True)
+    seen = []
+    handle = model[0].register_forward_hook(lambda m, args, out: seen.append(torch.is_autocast_enabled("cpu")))
+    try:
+        evaluator = evaluation.RetrievalEvaluator([load_beir_folder(small_beir)], name="benchmarks")
+        evaluation.benchmark_rows(model, evaluator)  # the starting model's rows, before any trainer exists
+        evaluator(model)  # the trainer's eval steps call this
+        encode_fast(model, ["a claim about cells", "an abstract"])  # compare.py
+    finally:
+        handle.remove()
+    assert seen and all(seen)
+    assert next(model.parameters()).dtype == torch.float32  # autocast over fp32 weights, as in training
+
+
+def test_benchmark_length_is_capped_at_the_positions_the_model_has(tmp_path, caplog):
+    """A RoBERTa position past its table fails on CPU (an index out of bounds) and is a sticky device-side assert on
+    CUDA: the evaluation length is capped like the training length, with the same one-line warning."""
+    from helpers import build_tiny_model
+    from model_exploration.models import capped_len
+
+    model = SentenceTransformer(str(build_tiny_model(tmp_path, arch="roberta", positions=34)), device="cpu")
+    texts = ["word " * 100, "short"]
+    with pytest.raises((IndexError, RuntimeError), match="out of"):
+        evaluation.encode(model, texts, 8, False, 64)
+    assert capped_len(model, 64, "--eval_max_len") == 32
+    assert "--eval_max_len 64 exceeds the 32 tokens this model can embed" in caplog.text
+    assert evaluation.encode(model, texts, 8, False, 32).shape == (2, 64)

@@ -36,16 +36,18 @@ def test_single_process_run_writes_model_results_and_no_secret(tiny_model, small
     result = _run(
         _common(tiny_model, out, "--nrows", 64, "--max_steps", 4, "--eval_and_save_steps", 2, "--run_name", "r1",
                 "--eval_benchmarks", f"beir:{small_beir}", "--no_custom_lr_scheduler",
-                "--lr_scheduler_type", "constant", "--warmup_ratio", 0),
+                "--lr_scheduler_type", "constant", "--warmup_ratio", 0, "--eval_max_len", 4096),
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "--eval_max_len 4096 exceeds the 512 tokens this model can embed" in result.stderr  # capped, not a crash
     run = out / "r1"
     results = json.loads((run / "results.json").read_text())
     # the reported rows are those of the saved final model, evaluated again here in this process
     final = SentenceTransformer(str(run / "final"), device="cpu")
     unpadded.enable_unpadded(final)
-    again = RetrievalEvaluator([load_beir_folder(small_beir)]).compute_rows(final)["beir:scifact_small"]
+    again = RetrievalEvaluator([load_beir_folder(small_beir)], max_seq_length=512).compute_rows(final)
+    again = again["beir:scifact_small"]
     for metric in ("mrr@1", "ndcg@5", "ndcg@10", "recall@10", "map@100"):
         assert results["beir:scifact_small"][metric] == pytest.approx(again[metric], abs=1e-6), metric
     table = (run / "results.md").read_text()
