@@ -5,6 +5,7 @@ import importlib.util
 import json
 import re
 
+import numpy as np
 import pytest
 
 from helpers import REPO_ROOT
@@ -17,39 +18,64 @@ def _script(name: str):
     return module
 
 
-def test_train_throughput_compares_every_path_per_architecture_and_reports_its_ratios(tmp_path, capsys):
+def test_train_throughput_interleaves_every_path_and_reports_paired_ratios_with_their_bound(tmp_path, capsys):
     report, rows_log = tmp_path / "report.json", tmp_path / "rows.jsonl"
-    _script("train_throughput").main(["--arch", "roberta", "modernbert", "--steps", "1", "--warmup", "1",
-                                      "--batch_size", "8", "--max_len", "64", "--mini_batch_size", "4",
-                                      "--encode_passages", "16", "--encode_batch_size", "8", "--json", str(report),
-                                      "--rows_jsonl", str(rows_log)])  # fmt: skip
+    _script("train_throughput").main(["--arch", "modernbert", "--mix", "real", "long", "--steps", "3",
+                                      "--warmup", "1", "--batch_size", "8", "--max_len", "64", "--mini_batch_size",
+                                      "4", "--hidden", "64", "--layers", "2", "--heads", "2", "--intermediate", "128",
+                                      "--encode_passages", "16", "--encode_batch_size", "8", "--encode_repeats", "2",
+                                      "--profile", "--json", str(report), "--rows_jsonl", str(rows_log)])  # fmt: skip
     out = capsys.readouterr().out
-    archs = json.loads(report.read_text())["archs"]
+    results = json.loads(report.read_text())["results"]
     paths = ("plain mnrl", "plain mnrl pretok", "ours mnrl", "plain cached", "ours cached", "ours cached tok",
              "plain encode", "ours encode", "plain data pipeline", "ours data pipeline")  # fmt: skip
     logged = [json.loads(line) for line in rows_log.read_text().splitlines()]
-    assert [(r["arch"], r["path"]) for r in logged] == [(a, p) for a in archs for p in archs[a]["rows"]]
-    assert list(archs) == ["roberta", "modernbert"]
-    for arch, result in archs.items():
-        section = out.split(f"### {arch}\n")[1].split("### ")[0]
-        rows = result["rows"]
+    assert [(r["arch"], r["mix"]) for r in results] == [
+        (a, m) for a in ("roberta", "modernbert") for m in ("real", "long")
+    ]
+    expected_log = []
+    for r in results:
+        expected_log += [("row", r["arch"], r["mix"], p) for p in r["rows"]] + [("ratios", r["arch"], r["mix"], None)]
+    assert [(e["kind"], e["arch"], e["mix"], e.get("path")) for e in logged] == expected_log
+    for result in results:
+        arch, mix, rows, ratios = result["arch"], result["mix"], result["rows"], result["ratios"]
+        section = out.split(f"### {arch} ({mix} mix)\n")[1].split("### ")[0]
         assert set(rows) == set(paths)
-        rate = {p: rows[p].get("pairs_per_s", rows[p].get("passages_per_s")) for p in paths}
         for path in paths:
-            assert rate[path] > 0 and re.search(rf"^\| {path} \| {rate[path]:.1f} ", section, re.M), (arch, path)
+            row = rows[path]
+            rate = row.get("pairs_per_s", row.get("passages_per_s"))
+            assert rate > 0 and re.search(rf"^\| {path} \| {rate:.1f}", section, re.M), (arch, path)
+            if "step_rates" in row:  # the median of the timed steps (3) or passes (2), with its quartiles
+                assert len(row["step_rates"]) == (2 if "encode" in path else 3)
+                assert row[next(k for k in row if k.endswith("_per_s"))] == pytest.approx(np.median(row["step_rates"]))
         for path in ("plain mnrl", "ours mnrl"):  # the packed path computes no padding, but the batch holds it
             assert 0 < rows[path]["padding_share"] < 1 and 0 < rows[path]["mfu"]
+            assert rows[path]["bound"] == pytest.approx(1 / (1 - rows[path]["padding_share"]))
+            assert set(rows[path]["profile_ms"]) >= {"data", "encoder forward", "backward", "optimizer"}
         assert rows["ours mnrl"]["packed"] and not rows["plain mnrl"]["packed"]  # the fast path was switched on
-        assert "(skipped: packed)" in section and "(computed)" in section
-        assert result["min_cosine"] >= 0.99999  # both encoders embed alike
-        expected = (f"{arch}: speedup_train={rate['ours mnrl'] / rate['plain mnrl']:.2f} "
-                    f"speedup_model={rate['ours mnrl'] / rate['plain mnrl pretok']:.2f} "
-                    f"speedup_cached={rate['ours cached'] / rate['plain cached']:.2f} "
-                    f"speedup_encode={rate['ours encode'] / rate['plain encode']:.2f}")  # fmt: skip
-        assert expected in section.splitlines()
-        summary = re.search(rf"^\| {arch} \| unpadded \| {rate['plain mnrl']:.1f} \| {rate['ours mnrl']:.1f} \| "
-                            rf"{rate['ours mnrl'] / rate['plain mnrl']:.2f}x \|", out, re.M)  # fmt: skip
-        assert summary, arch
+        assert "(skipped: packed)" in section and "(computed)" in section and "where a step goes" in section
+        for key, ours, plain in (("train", "ours mnrl", "plain mnrl"), ("encode", "ours encode", "plain encode")):
+            paired = [a / b for a, b in zip(rows[ours]["step_rates"], rows[plain]["step_rates"])]
+            assert ratios[key]["median"] == pytest.approx(np.median(paired))  # same-round ratios, not mixed rounds
+            assert ratios[key]["of_bound"] == pytest.approx(ratios[key]["median"] / rows[plain]["bound"])
+        assert result["min_cosine"] >= 0.99999 and rows["ours encode"]["agree"]  # both encoders embed alike
+        figures = " ".join(f"{name}={ratios[key]['median']:.2f}" for key, name in
+                           (("train", "speedup_train"), ("model", "speedup_model"), ("cached", "speedup_cached"),
+                            ("encode", "speedup_encode")))  # fmt: skip
+        assert f"{arch} {mix}: {figures}" in section.splitlines()
+        assert re.search(rf"^\| {arch} \| {mix} \| {rows['plain mnrl']['pairs_per_s']:.1f} \| "
+                         rf"{rows['ours mnrl']['pairs_per_s']:.1f} \| {ratios['train']['median']:.2f}x \[", out, re.M)  # fmt: skip
+
+
+def test_the_length_mixes_are_what_they_say():
+    bench = _script("train_throughput")
+    anchors, positives = bench.real_pairs()
+    real, long = bench.mix_pairs("real", 200, 0), bench.mix_pairs("long", 200, 0)
+    assert set(real["anchor"]) <= set(anchors) and set(real["positive"]) <= set(positives)  # the bundled pairs
+    assert len(set(zip(real["anchor"], real["positive"]))) == 200  # drawn without replacement while they last
+    docs = bench.corpus_docs()
+    assert all(any(d.startswith(doc) for doc in docs) for d in long["positive"][:5])  # runs of corpus abstracts
+    assert np.mean([len(d) for d in long["positive"]]) > 1.8 * np.mean([len(d) for d in docs])  # 1-4 of them
 
 
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # one of the measured candidates, by design
