@@ -173,7 +173,8 @@ class GatheredCachedMNRLoss(CachedMultipleNegativesRankingLoss):
             return super().embed_minibatch(sentence_feature, begin, end, with_grad, copy_random_state, random_state)
         width = sentence_feature["attention_mask"].shape[1]
         # right padding: the chunk's longest row bounds its real columns; left padding keeps its width (positions)
-        keep = width if self.model.tokenizer.padding_side == "left" else max(lengths[begin:end])
+        tokenizer = getattr(self.model, "module", self.model).tokenizer  # under DDP the trainer hands us the wrapper
+        keep = width if tokenizer.padding_side == "left" else max(lengths[begin:end])
         chunk = {
             key: (value[begin:end, :keep] if value.ndim >= 2 and value.shape[1] == width else value[begin:end])
             if torch.is_tensor(value)
