@@ -25,7 +25,18 @@ from datasets import DatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
 from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 
-from model_exploration import binary, cli, distributed, evaluation, pretokenize, release, reporting, tracking, unpadded
+from model_exploration import (
+    binary,
+    cli,
+    config,
+    distributed,
+    evaluation,
+    pretokenize,
+    release,
+    reporting,
+    tracking,
+    unpadded,
+)
 from model_exploration.benchmarks import load_benchmarks
 from model_exploration.data import COMPLETE_MARKER, cache_path_for, check_offline_inputs
 from model_exploration.errors import UserError, exit_status
@@ -100,6 +111,8 @@ def print_plan(specs, args, cache_dir: Path, mirror: Mirror) -> None:
     """What a run would train on, offline: sources, columns, weights, where each sits in the mirror (one line per
     hub split, with its rows where parquet footers tell them), cache paths and, once built, the rows each split gave."""
     total_weight = sum(s.weight for s in specs)
+    if args.config:
+        print(f"config: {args.config}" + (f": {text}" if (text := config.description(args.config)) else ""))
     print(f"{args.mixture or 'stage ' + args.stage}: {len(specs)} sources; a batch comes from source i with p ~ weight_i x size_i "
           f"(sizes are known once loaded; weight share shown)")  # fmt: skip
     print(f"mirror: {mirror.root} ({'read only: --hub_dir' if mirror.offline else 'filled on demand by rank 0'})")
@@ -315,7 +328,7 @@ def run(argv: list[str] | None = None) -> None:
                          args.n_data_src)  # fmt: skip
     if distributed.is_main_process():  # only once the inputs are known good: no half-made run folders
         output_dir.mkdir(parents=True, exist_ok=True)
-        tracking.save_args(vars(args), output_dir)
+        config.save(args, cli.build_parser(), output_dir)
         if args.wb_mode != "disabled":
             tracking.init_wandb(args, output_dir, vars(args))
 
@@ -391,8 +404,9 @@ def run(argv: list[str] | None = None) -> None:
         card_table = {"starting model": starting_rows} if starting_rows else {}
         card_table |= {"this model": final_rows} if final_rows else {}
         command = release.command_line(sys.argv[1:] if argv is None else argv)
+        run_config = release.write_training_config(output_dir / config.RUN_CONFIG, final_dir)
         section = release.run_section(card_table, benchmarks, sources, command, distributed.world_size(),
-                                      args.eval_max_len or native_max_len)  # fmt: skip
+                                      args.eval_max_len or native_max_len, run_config)  # fmt: skip
         logger.info("model card with this run's results: %s", release.write_model_card(model, final_dir, section))
         if wandb_callback and wandb_callback.log_final_model(final_dir):  # WANDB_LOG_MODEL=end
             logger.info("final model logged to W&B as artifact model-%s", output_dir.name)
