@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--num_train_epochs",
         type=float,
-        default=1,
+        default=1.0,
         help="epochs over the mixture (an epoch = sum of weight x size over sources, in pairs)",
     )
     g.add_argument("--max_steps", type=_positive_int, default=None, help="stop after N optimizer steps")
@@ -290,13 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--ddp_timeout_minutes",
         type=float,
-        default=30,
+        default=30.0,
         help="how long a collective waits for a dead/stuck rank before the job fails",
     )
     g.add_argument(
         "--build_wait_minutes",
         type=float,
-        default=24 * 60,
+        default=24 * 60.0,
         help="how long the other ranks wait for global rank 0 to fetch files and build caches (or build them "
         "ahead with --build_caches_only)",
     )

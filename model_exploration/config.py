@@ -223,18 +223,36 @@ def _config_value(parser: argparse.ArgumentParser, key: str, value: Any) -> Any:
     return value
 
 
+def command_line(args: argparse.Namespace, parser: argparse.ArgumentParser, machine: dict[str, Any]) -> list[str]:
+    """The flags of `args` that differ from the parser's defaults, as command-line tokens (what a config file
+    amounts to); launch-only keys and values this machine filled in are left out."""
+    tokens: list[str] = []
+    for dest, actions in _actions_by_dest(parser).items():
+        value = getattr(args, dest, None)
+        if dest in NOT_CARRIED or value == parser.get_default(dest) or machine.get(dest, object()) == value:
+            continue
+        if all(isinstance(a, argparse._StoreConstAction) for a in actions):
+            tokens += [a.option_strings[0] for a in actions if a.const == value][:1]
+            continue
+        value = _config_value(parser, dest, value)
+        tokens += [actions[0].option_strings[0], *(map(_text, value) if isinstance(value, list) else [_text(value)])]
+    return tokens
+
+
 def _yaml(value: Any) -> str:
     text = yaml.safe_dump(value, default_flow_style=True, width=10_000, allow_unicode=True).strip()
     return text.removesuffix("\n...").removesuffix("...").strip()
 
 
 def save(args: argparse.Namespace, parser: argparse.ArgumentParser, run_dir: Path) -> Path:
-    """Write run_dir/config.yaml (secrets of the environment redacted). Returns its path."""
+    """Write run_dir/config.yaml, every secret of the environment replaced by '***' (in the values, so the file
+    stays valid YAML). Returns its path."""
     from model_exploration.cli import machine_defaults  # cli reads config files through this module
     from model_exploration.reporting import write_atomic
     from model_exploration.tracking import redact
 
+    clean = argparse.Namespace(**redact(vars(args)))
     path = Path(run_dir) / RUN_CONFIG
-    text = dump(args, parser, Path(run_dir), getattr(args, "config", None), machine_defaults(args))
+    text = dump(clean, parser, Path(run_dir), getattr(args, "config", None), machine_defaults(args))
     write_atomic(path, redact(text))
     return path

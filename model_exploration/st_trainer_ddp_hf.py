@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -113,6 +114,8 @@ def print_plan(specs, args, cache_dir: Path, mirror: Mirror) -> None:
     total_weight = sum(s.weight for s in specs)
     if args.config:
         print(f"config: {args.config}" + (f": {text}" if (text := config.description(args.config)) else ""))
+    flags = config.command_line(args, cli.build_parser(), cli.machine_defaults(args))
+    print(f"flags (those not at their defaults): {shlex.join(flags) or 'none'}")
     print(f"{args.mixture or 'stage ' + args.stage}: {len(specs)} sources; a batch comes from source i with p ~ weight_i x size_i "
           f"(sizes are known once loaded; weight share shown)")  # fmt: skip
     print(f"mirror: {mirror.root} ({'read only: --hub_dir' if mirror.offline else 'filled on demand by rank 0'})")
