@@ -351,7 +351,7 @@ def print_arch(arch: str, result: dict) -> None:
 
 
 def print_summary(results: dict[str, dict]) -> None:
-    """One row per architecture: the comparisons the README shows."""
+    """One row per architecture: the comparisons docs/results.md shows."""
     print("\n| architecture | fast path | plain MNRL pairs/s | ours MNRL pairs/s | training | model alone | "
           "GradCache | encode passages/s (plain / ours) | encoding | min cosine | MFU (plain / ours MNRL) |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|")

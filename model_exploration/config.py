@@ -121,19 +121,15 @@ def _actions_by_dest(parser: argparse.ArgumentParser) -> dict[str, list[argparse
 def _closest(key: str, by_dest: dict[str, list[argparse.Action]]) -> str:
     """'; did you mean ...' naming the closest dest and its flag (a flag's own spelling, e.g. no_unpad, included)."""
     spelled = {opt.lstrip("-"): dest for dest, actions in by_dest.items() for a in actions for opt in a.option_strings}
-    if key in spelled and spelled[key] != key:
+    if key in spelled and spelled[key] != key:  # a switch's own name, e.g. no_unpad for the key unpad
         dest = spelled[key]
-        return f"; the key for --{key} is {dest} (--{key} is {dest}: {_switch_value(by_dest[dest], '--' + key)})"
+        action = next(a for a in by_dest[dest] if f"--{key}" in a.option_strings)
+        return f"; --{key} is written {dest}: {str(action.const).lower()}"
     match = difflib.get_close_matches(key, list(by_dest) + list(spelled), n=1, cutoff=0.6)
     if not match:
         return "; every key is a flag's name without the dashes (docs/cli.md)"
     dest = spelled.get(match[0], match[0])
     return f"; did you mean {dest} ({by_dest[dest][0].option_strings[0]})?"
-
-
-def _switch_value(actions: list[argparse.Action], option: str) -> str:
-    action = next(a for a in actions if option in a.option_strings)
-    return str(action.const if isinstance(action, argparse._StoreConstAction) else False).lower()
 
 
 def _tokens(key: str, actions: list[argparse.Action], value: Any, source: str | Path) -> list[str]:

@@ -230,7 +230,7 @@ def load_model(args, mirror: Mirror) -> tuple[SentenceTransformer, int]:
 def matryoshka_weights(args, dims: list[int]) -> list[float]:
     """One weight per dimension of `dims` (full first): --matryoshka_weights, or the full dimension as heavy as all
     truncations together (with equal weights, four dimensions left the full one 0.010 NDCG@10 behind the plain
-    fine-tune in the README's 80-step runs)."""
+    fine-tune in the 80-step runs of docs/results.md)."""
     if args.matryoshka_weights is None:
         return [float(len(dims) - 1)] + [1.0] * (len(dims) - 1)
     if len(args.matryoshka_weights) != len(dims):

@@ -49,7 +49,7 @@ def test_a_base_file_is_read_first_and_metadata_keys_are_not_flags(tmp_path):
     "mapping, expected",
     [
         ({"bacth_size": 8}, "unknown key 'bacth_size'; did you mean batch_size (--batch_size)?"),
-        ({"no_unpad": True}, "unknown key 'no_unpad'; the key for --no_unpad is unpad (--no_unpad is unpad: false)"),
+        ({"no_unpad": True}, "unknown key 'no_unpad'; --no_unpad is written unpad: false"),
         ({"gather_across_devices": "yes please"}, "gather_across_devices is a switch"),
         ({"batch_size": [8, 16]}, "batch_size (--batch_size) takes one value, got a list"),
         ({"config": "other.yaml"}, "a config file cannot name another with `config`; use `base: FILE`"),
