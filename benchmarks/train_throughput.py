@@ -681,7 +681,7 @@ def print_arch(arch: str, mix: str, result: dict) -> None:
 
 
 def print_summary(results: dict[tuple[str, str], dict]) -> None:
-    """One row per architecture and mix: the comparisons the README shows, each ratio with its spread and, for
+    """One row per architecture and mix: the comparisons docs/results.md shows, each ratio with its spread and, for
     training and encoding, the share of the padding bound it reaches."""
     print("\n| architecture | mix | plain MNRL pairs/s | ours MNRL pairs/s | training [IQR] | padding | bound | "
           "of bound | model alone | GradCache | encode passages/s (plain / ours) | encoding | of bound | "

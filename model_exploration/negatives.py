@@ -64,7 +64,7 @@ class MiningSettings:
 
 
 # What sentence-transformers' mine_hard_negatives (6.2) holds, read off its code and checked against measured peaks
-# (README, "Mined hard negatives"): per pair, five float32 copies of an embedding (queries, corpus, the query and
+# (docs/results.md, "Mining"): per pair, five float32 copies of an embedding (queries, corpus, the query and
 # positive copies that score the positives, the encoder's stacking copy; faiss' index adds one), three copies of
 # the candidate lists (range_max + 1 scores and ids per query), its texts as Python strings and the triplets it
 # builds (~2.5 times a pair's text bytes) and per-query dicts, lists and small tensors; plus the encoder's batches.

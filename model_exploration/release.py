@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 CARD = "README.md"
 SECTION_TITLE = "## Training Run"
+# the run's config.yaml as it travels with the model folder (config.json is the transformers model's own)
+TRAINING_CONFIG = "training_config.yaml"
 # ST's template heading our section goes before (appended at the end of the card if a later ST renames it)
 _BEFORE = "## Training Details"
 # what a checkpoint holds besides the model: the trainer's state for resuming, never part of a release
@@ -42,10 +44,17 @@ TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth",
 
 
 def run_section(
-    results: dict[str, dict[str, dict]], benchmarks, sources, command: str, processes: int, eval_max_len: int
+    results: dict[str, dict[str, dict]],
+    benchmarks,
+    sources,
+    command: str,
+    processes: int,
+    eval_max_len: int,
+    run_config: str | None = None,
 ) -> str:
     """The card's section for this run: benchmark table (results.md's rows; `results` maps a row label such as
-    "this model" to benchmark rows), document protocols, mixture, command line."""
+    "this model" to benchmark rows), document protocols, mixture, command line and the run's configuration
+    (`run_config`: the text of TRAINING_CONFIG, which sits beside the card)."""
     lines = [SECTION_TITLE, "", "### Benchmark Results", ""]
     if results:
         protocols = sorted({f"{b.group or b.name}: {' + '.join(b.doc_fields)}" for b in benchmarks})
@@ -63,7 +72,32 @@ def run_section(
     lines += [f"| {' | '.join(row)} |" for row in mixture_rows(sources)]
     launcher = f"torchrun ({processes} processes) " if processes > 1 else "python "
     lines += ["", "### Command", "", "```bash", launcher + command, "```", ""]
+    if run_config is not None:
+        lines += [
+            "### Configuration",
+            "",
+            f"The resolved configuration of this run is [`{TRAINING_CONFIG}`]({TRAINING_CONFIG}), beside this card; "
+            f"`python model_exploration/st_trainer_ddp_hf.py --config {TRAINING_CONFIG}` launches the same run again "
+            "(docs/recipes.md of the training workflow).",
+            "",
+            f"<details><summary>{TRAINING_CONFIG}</summary>",
+            "",
+            "```yaml",
+            run_config.rstrip("\n"),
+            "```",
+            "",
+            "</details>",
+            "",
+        ]
     return "\n".join(lines)
+
+
+def write_training_config(run_config: Path, folder: Path) -> str:
+    """Copy the run's config.yaml (already free of secrets) into the model folder as TRAINING_CONFIG, so that a
+    published model carries the configuration it was trained with; returns its text."""
+    text = Path(run_config).read_text(encoding="utf-8")
+    reporting.write_atomic(Path(folder) / TRAINING_CONFIG, text)
+    return text
 
 
 def mixture_rows(sources) -> list[tuple[str, ...]]:

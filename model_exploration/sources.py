@@ -300,8 +300,12 @@ def build_dataset_configs_file(
     path: str | Path, enable: list[str] | None = None, disable: list[str] | None = None
 ) -> list[SourceSpec]:
     """A user's own mixture file (same format as mixtures/*.yaml, a `stage1_replay:` section included); relative
-    `data_files` of local sources are relative to the file's folder."""
-    path = Path(path).resolve()
+    `data_files` of local sources are relative to the file's folder. A relative path that is not there from the
+    working directory is read from the repository (e.g. a recipe's recipes/mixtures/*.yaml, from any directory)."""
+    path = Path(path)
+    if not path.is_absolute() and not path.exists() and (REPO_ROOT / path).exists():
+        path = REPO_ROOT / path
+    path = path.resolve()
     specs, extra = _read_registry(path)
     specs = [
         dataclasses.replace(s, data_files=str(path.parent / s.data_files))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,7 +26,18 @@ from datasets import DatasetDict
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
 from sentence_transformers.sentence_transformer.losses import MatryoshkaLoss
 
-from model_exploration import binary, cli, distributed, evaluation, pretokenize, release, reporting, tracking, unpadded
+from model_exploration import (
+    binary,
+    cli,
+    config,
+    distributed,
+    evaluation,
+    pretokenize,
+    release,
+    reporting,
+    tracking,
+    unpadded,
+)
 from model_exploration.benchmarks import load_benchmarks
 from model_exploration.data import COMPLETE_MARKER, cache_path_for, check_offline_inputs
 from model_exploration.errors import UserError, exit_status
@@ -101,6 +113,10 @@ def print_plan(specs, args, cache_dir: Path, mirror: Mirror) -> None:
     """What a run would train on, offline: sources, columns, weights, where each sits in the mirror (one line per
     hub split, with its rows where parquet footers tell them), cache paths and, once built, the rows each split gave."""
     total_weight = sum(s.weight for s in specs)
+    if args.config:
+        print(f"config: {args.config}" + (f": {text}" if (text := config.description(args.config)) else ""))
+    flags = config.command_line(args, cli.build_parser(), cli.machine_defaults(args))
+    print(f"flags (those not at their defaults): {shlex.join(flags) or 'none'}")
     print(f"{args.mixture or 'stage ' + args.stage}: {len(specs)} sources; a batch comes from source i with p ~ weight_i x size_i "
           f"(sizes are known once loaded; weight share shown)")  # fmt: skip
     print(f"mirror: {mirror.root} ({'read only: --hub_dir' if mirror.offline else 'filled on demand by rank 0'})")
@@ -215,7 +231,7 @@ def load_model(args, mirror: Mirror) -> tuple[SentenceTransformer, int]:
 def matryoshka_weights(args, dims: list[int]) -> list[float]:
     """One weight per dimension of `dims` (full first): --matryoshka_weights, or the full dimension as heavy as all
     truncations together (with equal weights, four dimensions left the full one 0.010 NDCG@10 behind the plain
-    fine-tune in the README's 80-step runs)."""
+    fine-tune in the 80-step runs of docs/results.md)."""
     if args.matryoshka_weights is None:
         return [float(len(dims) - 1)] + [1.0] * (len(dims) - 1)
     if len(args.matryoshka_weights) != len(dims):
@@ -316,7 +332,7 @@ def run(argv: list[str] | None = None) -> None:
                          args.n_data_src)  # fmt: skip
     if distributed.is_main_process():  # only once the inputs are known good: no half-made run folders
         output_dir.mkdir(parents=True, exist_ok=True)
-        tracking.save_args(vars(args), output_dir)
+        config.save(args, cli.build_parser(), output_dir)
         if args.wb_mode != "disabled":
             tracking.init_wandb(args, output_dir, vars(args))
 
@@ -393,8 +409,9 @@ def run(argv: list[str] | None = None) -> None:
         card_table = {"starting model": starting_rows} if starting_rows else {}
         card_table |= {"this model": final_rows} if final_rows else {}
         command = release.command_line(sys.argv[1:] if argv is None else argv)
+        run_config = release.write_training_config(output_dir / config.RUN_CONFIG, final_dir)
         section = release.run_section(card_table, benchmarks, sources, command, distributed.world_size(),
-                                      eval_max_len)  # fmt: skip
+                                      eval_max_len, run_config)  # fmt: skip
         logger.info("model card with this run's results: %s", release.write_model_card(model, final_dir, section))
         if wandb_callback and wandb_callback.log_final_model(final_dir):  # WANDB_LOG_MODEL=end
             logger.info("final model logged to W&B as artifact model-%s", output_dir.name)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -46,10 +45,6 @@ def redact(value: Any, secrets: list[str] | None = None) -> Any:
     if isinstance(value, (list, tuple)):
         return [redact(v, secrets) for v in value]
     return value
-
-
-def save_args(args_dict: dict[str, Any], output_dir: Path) -> None:
-    write_atomic(output_dir / "run_args.json", json.dumps(redact(args_dict), indent=2, default=str))
 
 
 def resolve_run_id(output_dir: Path, override: str | None) -> str:

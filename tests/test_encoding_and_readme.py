@@ -5,7 +5,6 @@ import torch
 from sentence_transformers import SentenceTransformer
 
 from helpers import REPO_ROOT
-from model_exploration import cli
 from model_exploration.encoding import encode_fast, token_budget_batches
 
 
@@ -26,14 +25,6 @@ def test_fast_encoder_equals_sentence_transformers_encode(tiny_model):
     reference = model.encode(texts, convert_to_tensor=True)
     assert ours.shape == reference.shape
     assert torch.allclose(ours, reference, atol=1e-5)
-
-
-def test_readme_documents_every_flag():
-    readme = (REPO_ROOT / "README.md").read_text()
-    for action in cli.build_parser()._actions:
-        for flag in action.option_strings:
-            if flag.startswith("--") and flag != "--help":
-                assert f"`{flag}`" in readme, flag
 
 
 def test_readme_test_command_works_after_set_up_and_is_the_line_ci_runs():

@@ -59,6 +59,11 @@ def test_two_rank_run_card_holds_results_and_no_secret_and_wandb_offline_has_the
     assert "--run_name rel" in card and 'SentenceTransformer("my-org/sde-st-test")' in card
     assert card.index(release.SECTION_TITLE) < card.index("## Training Details")  # ST's own card, our section in it
     assert "### Framework Versions" in card
+    # the configuration it was trained with: beside the card (it travels with the model) and in it
+    trained_with = (run / "final" / release.TRAINING_CONFIG).read_text()
+    assert trained_with == (run / "config.yaml").read_text() and "batch_size: 8" in trained_with
+    assert f"[`{release.TRAINING_CONFIG}`]({release.TRAINING_CONFIG})" in card
+    assert trained_with.rstrip("\n") in card
 
     # W&B offline: the artifact is final/ (its card included), staged inside the run folder, once
     offline_runs = list((run / "wandb").glob("offline-run-*"))

@@ -132,4 +132,4 @@ def test_bad_input_is_one_clear_line(args, expected, tmp_path, monkeypatch, caps
     assert code == 2
     assert expected in err.strip().splitlines()[-1]
     assert "Traceback" not in err
-    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("run_args.json"))
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("config.yaml"))
