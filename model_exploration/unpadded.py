@@ -30,8 +30,7 @@ Semantic difference from the stock forwards, on purpose: no dropout on attention
 dropout); hidden-state dropout is unchanged. Host-device syncs: none when the batch carries the lengths our collators
 count on the host (`HOST_LENGTHS`: the pre-tokenized training collator, encode_fast), else one per forward (the
 lengths, which size the packed tensors); masks, slots and position biases are built on the device. Gradient
-checkpointing (`--gradient_checkpointing`) recomputes each layer in backward, as the
-stock model does.
+checkpointing (`--gradient_checkpointing`) recomputes each layer in backward, as the stock model does.
 """
 
 from __future__ import annotations
