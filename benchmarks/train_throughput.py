@@ -347,18 +347,26 @@ class Gate(TrainerCallback):
         self._phase("optimizer")
 
     def _time_forward(self, trainer) -> None:
-        """compute_loss (forward of every column and the loss) split into the encoder's share and the rest."""
+        """compute_loss (forward of every column and the loss) split into the encoder's share and the rest. Only
+        inside compute_loss: GradCache embeds its chunks again during backward, which stays "backward"."""
         encoder, compute_loss = trainer.model[0], trainer.compute_loss
+        inside = [False]
 
         def start_encoder(module, args):
-            self._phase("rest of forward + loss")
+            if inside[0]:
+                self._phase("rest of forward + loss")
 
         def end_encoder(module, args, output):
-            self._phase("encoder forward")
+            if inside[0]:
+                self._phase("encoder forward")
 
         def timed_compute_loss(*args, **kwargs):
             self._phase("data")  # nothing runs between on_step_begin and here
-            loss = compute_loss(*args, **kwargs)
+            inside[0] = True
+            try:
+                loss = compute_loss(*args, **kwargs)
+            finally:
+                inside[0] = False
             self._phase("rest of forward + loss")
             return loss
 
