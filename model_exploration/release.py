@@ -42,10 +42,17 @@ TRAINING_STATE = ("optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth",
 
 
 def run_section(
-    results: dict[str, dict[str, dict]], benchmarks, sources, command: str, processes: int, eval_max_len: int
+    results: dict[str, dict[str, dict]],
+    benchmarks,
+    sources,
+    command: str,
+    processes: int,
+    eval_max_len: int,
+    prompts: str = "",
 ) -> str:
     """The card's section for this run: benchmark table (results.md's rows; `results` maps a row label such as
-    "this model" to benchmark rows), document protocols, mixture, command line."""
+    "this model" to benchmark rows), document protocols, mixture, prompts (markdown, prompts.card_section),
+    command line."""
     lines = [SECTION_TITLE, "", "### Benchmark Results", ""]
     if results:
         protocols = sorted({f"{b.group or b.name}: {' + '.join(b.doc_fields)}" for b in benchmarks})
@@ -61,6 +68,8 @@ def run_section(
     lines += ["", "### Training Mixture", "", "A batch comes from source i with probability ~ weight_i x size_i.", ""]
     lines += ["| Source | Data | Rows read | Weight | Training pairs | Validation pairs |", "|---" * 6 + "|"]
     lines += [f"| {' | '.join(row)} |" for row in mixture_rows(sources)]
+    if prompts:
+        lines += ["", prompts.rstrip("\n")]
     launcher = f"torchrun ({processes} processes) " if processes > 1 else "python "
     lines += ["", "### Command", "", "```bash", launcher + command, "```", ""]
     return "\n".join(lines)
