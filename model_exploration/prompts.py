@@ -20,7 +20,10 @@ Here:
   and final/ save them, and `encode_query` / `encode_document` of the saved model embed as the evaluation did.
 Empty text means no prompt. Where this workflow bypasses sentence-transformers' preprocessing (the pre-tokenized
 collator, encoding.encode_fast) it prepends the same text and passes the same `prompt_length`
-(`prompt_length` below asks sentence-transformers itself), so Pooling treats both paths alike.
+(`prompt_length` below asks sentence-transformers itself), so Pooling treats both paths alike. The unpadded forward
+(unpadded.py) needs nothing: it returns token embeddings in the stock [batch, length, hidden] layout, from which
+Pooling drops the prompt as on the stock path; GradCache (losses.py) embeds chunks of each column's features and
+keeps `prompt_length`, one int per column, whole (both tested).
 """
 
 from __future__ import annotations
@@ -75,6 +78,12 @@ def own_prompts(
         document = named(document_name)
     else:
         document = next((model_prompts[n] for n in DOCUMENT_NAMES if n in model_prompts), None) or ""
+        unused = {n: model_prompts[n] for n in DOCUMENT_NAMES[1:] if model_prompts.get(n)}
+        if not document and unused:  # sentence-transformers 6.2 always has a "document" prompt, empty unless saved
+            name = next(iter(unused))
+            logger.warning("%s: encode_document applies its empty 'document' prompt, not %s; to use %r name it: "
+                           "--prompts_from_model query %s (training), --document_prompt_name %s (compare.py)", who,
+                           unused, name, name, name)  # fmt: skip
     return Prompts(query, document, f"{who}'s own")
 
 
@@ -157,11 +166,10 @@ def set_model_prompts(model, run: Prompts) -> None:
     """Give the model the run's prompts as `query` / `document` (what encode_query / encode_document apply, and
     what model.save writes). A starting model's own different prompts are replaced, with a warning: a model saved
     with prompts it was not trained and evaluated with would embed differently from how it was scored."""
-    before = own_prompts(model.prompts, "the model", "prompts")
-    if (before.query or before.document) and (before.query, before.document) != (run.query, run.document_text):
-        logger.warning("the starting model's own prompts (query %r, document %r) are replaced by this run's (%s); "
-                       "--prompts_from_model trains with them", before.query, before.document,
-                       run.describe())  # fmt: skip
+    own = {name: model.prompts[name] for name in ("query", *DOCUMENT_NAMES) if model.prompts.get(name)}
+    if own and (own.get("query", ""), own.get("document", "")) != (run.query, run.document_text):
+        logger.warning("the starting model's own prompts %s give way to this run's (%s) as `query` / `document`; "
+                       "--prompts_from_model trains with them", own, run.describe())  # fmt: skip
     model.prompts["query"] = run.query
     model.prompts["document"] = run.document_text
 
