@@ -404,8 +404,9 @@ def run(argv: list[str] | None = None) -> None:
         evaluation.benchmark_rows(model, benchmark_evaluator) if args.stage == "sample" and not resume_from else {}
     )
     if args.bat and (args.bat_center != "none" or args.bat_rotation != "none"):  # after the starting model's rows
-        texts = binary.calibration_texts([s.train for s in sources], args.bat_calibration_rows, args.seed)
-        binary.add_calibration(model, texts, args.bat_center, args.bat_rotation, args.seed)
+        texts, text_prompts = binary.calibration_texts([s.train for s in sources], args.bat_calibration_rows,
+                                                       args.seed, [per_source[s.spec.name] for s in sources])  # fmt: skip
+        binary.add_calibration(model, texts, args.bat_center, args.bat_rotation, args.seed, text_prompts)
     surrogate = binary.BinarySurrogate(args.bat, args.bat_beta_start, args.bat_beta_end) if args.bat else None
     preemption = PreemptionCallback()
     wandb_callback = tracking.wandb_callback() if args.wb_mode != "disabled" else None

@@ -114,6 +114,18 @@ def test_include_prompt_false_pools_only_the_text_on_both_forward_paths_and_thro
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads[0][1], grads[1][1]))
 
 
+def test_binary_calibration_embeds_each_text_with_its_prompt(excluding):
+    from model_exploration.binary import calibration_texts, pooled_embeddings
+
+    model = SentenceTransformer(str(excluding), device="cpu")
+    train = Dataset.from_list([{"anchor": f"claim {i}", "positive": f"abstract {i} " * (i + 1)} for i in range(4)])
+    texts, text_prompts = calibration_texts([train], 4, seed=0, prompts=[{"anchor": "q: ", "positive": "p: "}])
+    assert text_prompts == ["q: "] * 4 + ["p: "] * 4 and texts[:4] == train["anchor"]
+    expected = torch.cat([model.encode(texts[:4], prompt="q: ", convert_to_tensor=True),
+                          model.encode(texts[4:], prompt="p: ", convert_to_tensor=True)])  # fmt: skip
+    assert torch.allclose(pooled_embeddings(model, texts, batch_size=3, prompts=text_prompts), expected, atol=1e-5)
+
+
 def _st_rows(model, bench, query_prompt=None, corpus_prompt=None) -> dict:
     """A plain sentence-transformers evaluation (encode_query / encode_document; prompts None: the model's own)."""
     qs = bench.query_sets[0]
