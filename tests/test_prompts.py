@@ -79,6 +79,11 @@ def test_pretokenized_pairs_start_with_the_prompt_and_a_changed_prompt_rebuilds_
     assert again["anchor"] != tokens["anchor"] and again["positive"] == tokens["positive"]
     pretokenize.pretokenize_source(_source(tmp_path)[0], model.tokenizer, model.max_seq_length, prompts=columns)
     assert len(list(tmp_path.glob("tokens-*"))) == 2
+    # the texts' cache does not depend on prompts: they are applied when tokenizing or encoding
+    spec = SourceSpec(name="s", hub="x", anchor="anchor", positive="positive")
+    assert SourceSpec(**vars(spec) | {"query_prompt": "q: ", "prompts": (("positive", "p: "),)}).fingerprint() == (
+        spec.fingerprint()
+    )
 
 
 def test_include_prompt_false_pools_only_the_text_on_both_forward_paths_and_through_gradcache(excluding, tmp_path):
