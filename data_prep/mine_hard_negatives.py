@@ -10,7 +10,9 @@ writes, under --out: `<source>_mined.jsonl` (anchor, positive, negative[_1..k]),
 and settings) and `mixture.yaml`, the mixture with each mined pair source replaced by its triplet source (same
 weight; other sources and the Stage-1 replay unchanged). `--dry_run` on that mixture shows how each was mined.
 Before each source it logs the memory mining will hold (embeddings, candidate lists, texts); a source that needs
-more than --mining_memory_gb is mined in chunks, and the output is written as it is mined.
+more than --mining_memory_gb is mined in chunks, and the output is written as it is mined. Anchors and passages are
+embedded with the prompts training gives them (--query_prompt / --document_prompt / --prompts_from_model, the
+mixture's and each source's own; docs/prompts.md), and mixture.yaml keeps them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import psutil
 
-from model_exploration import cli, tracking, unpadded
+from model_exploration import cli, prompts, tracking, unpadded
 from model_exploration.data import load_and_cache_datasets
 from model_exploration.errors import UserError, exit_status
 from model_exploration.models import load_sentence_transformer, set_max_len
@@ -39,7 +41,7 @@ from model_exploration.negatives import (
     write_mixture,
 )
 from model_exploration.sources import registry_entry
-from model_exploration.st_trainer_ddp_hf import make_mirror, mixture_specs
+from model_exploration.st_trainer_ddp_hf import make_mirror, mixture_specs, run_prompts
 
 logger = logging.getLogger("mine_hard_negatives")
 
@@ -82,6 +84,11 @@ def run(argv: list[str] | None) -> Path:
     settings = MiningSettings(args.mining_model or args.model_name, args.relative_margin, args.num_negatives,
                               args.range_max, args.seed, args.mining_batch_size)  # fmt: skip
     model = load_sentence_transformer(mirror.model(settings.model_name), flag="--mining_model")
+    # --prompts_from_model means the trainee's (--model_name) prompts, whichever model mines
+    trainee = model.prompts if settings.model_name == args.model_name else None
+    if trainee is None and args.prompts_from_model is not None:
+        trainee = prompts.saved_prompts(mirror.model(args.model_name))
+    run_prompt = run_prompts(args, trainee)
     if args.model_max_len:
         set_max_len(model, args.model_max_len)
     unpadded.enable_unpadded(model)
@@ -99,7 +106,10 @@ def run(argv: list[str] | None) -> Path:
                            budget, faiss=importlib.util.find_spec("faiss") is not None)  # fmt: skip
         logger.info("mining %s", plan.describe(name))
         started = time.perf_counter()
-        stats = mine_source(source.train, model, settings, plan, mined_file(args.out, source.spec))
+        columns = prompts.source_prompts(source.spec, run_prompt)
+        logger.info("%s: prompts %s", name, prompts.describe_columns(columns))
+        stats = mine_source(source.train, model, settings, plan, mined_file(args.out, source.spec),
+                            (columns["anchor"], columns["positive"]))  # fmt: skip
         stats["seconds"] = round(time.perf_counter() - started, 1)
         if not stats["rows"]:  # nothing passed the guard: the pairs stay as they are
             logger.warning("%s: no candidate passed the guard (relative margin %s); kept as pairs",
@@ -118,7 +128,8 @@ def run(argv: list[str] | None) -> Path:
         if replay
         else None
     )
-    write_mixture(args.out / "mixture.yaml", entries, replay_section)
+    defaults = {"query_prompt": run_prompt.query, "document_prompt": run_prompt.document}
+    write_mixture(args.out / "mixture.yaml", entries, replay_section, {k: v for k, v in defaults.items() if v})
     return args.out / "mixture.yaml"
 
 

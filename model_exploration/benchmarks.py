@@ -74,6 +74,9 @@ class Benchmark:
     keeps_identical_ids: bool = False
     # the corpus fields each document was embedded from (joined with a space), as reported with the results
     doc_fields: tuple[str, ...] = ("text",)
+    # prompts of its own (a source's validation set: the source's); None: the evaluator's
+    query_prompt: str | None = None
+    corpus_prompt: str | None = None
 
     def fingerprint(self) -> str:
         return short_hash(d.encode() + b"\0" + t.encode() + b"\1" for d, t in zip(self.corpus_ids, self.corpus_texts))
@@ -219,14 +222,20 @@ def load_benchmarks(spec: str, mirror: Mirror, doc_fields: Sequence[str] | None 
 
 
 def validation_benchmark(
-    name: str, anchors: list[str], positives: list[str], negatives: list[str] | None = None, group: str | None = None
+    name: str,
+    anchors: list[str],
+    positives: list[str],
+    negatives: list[str] | None = None,
+    group: str | None = None,
+    prompts: tuple[str, str] | None = None,
 ) -> Benchmark:
     """In-training validation of one source: anchors are queries, the corpus holds every distinct positive (and
-    negative) text, and a query's relevant documents are all those with its positive's exact text."""
+    negative) text, and a query's relevant documents are all those with its positive's exact text. `prompts`: the
+    source's (anchor prompt, positive prompt)."""
     texts = sorted(set(positives) | set(negatives or []))
     doc_id = {t: f"d{i:08d}" for i, t in enumerate(texts)}
     query_ids = [f"q{i:08d}" for i in range(len(anchors))]
     relevant = {q: {doc_id[p]: 1} for q, p in zip(query_ids, positives)}
-    return Benchmark(
-        name, [doc_id[t] for t in texts], texts, [QuerySet(name, query_ids, list(anchors), relevant)], group=group
-    )
+    query_prompt, corpus_prompt = prompts or (None, None)
+    return Benchmark(name, [doc_id[t] for t in texts], texts, [QuerySet(name, query_ids, list(anchors), relevant)],
+                     group=group, query_prompt=query_prompt, corpus_prompt=corpus_prompt)  # fmt: skip

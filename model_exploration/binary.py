@@ -199,18 +199,25 @@ def calibration_point(model) -> int:
 
 
 @torch.no_grad()
-def pooled_embeddings(model, texts: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Embeddings as the calibration layer receives them: the modules up to and including Pooling."""
+def pooled_embeddings(model, texts: list[str], batch_size: int = 64, prompts: list[str] | None = None) -> torch.Tensor:
+    """Embeddings as the calibration layer receives them: the modules up to and including Pooling. `prompts`: each
+    text's prompt ("" = none), applied as in training (sentence-transformers' preprocess: the prompt and its
+    prompt_length)."""
     upto = calibration_point(model)
     model.eval()
-    out = []
-    for start in range(0, len(texts), batch_size):
-        features = model.preprocess(texts[start : start + batch_size])
-        features = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in features.items()}
-        for module in list(model)[:upto]:
-            features = module(features)
-        out.append(features["sentence_embedding"].float().cpu())
-    return torch.cat(out)
+    prompts = prompts or [""] * len(texts)
+    parts, order = [], []
+    for prompt in dict.fromkeys(prompts):  # one run of batches per prompt, then back to the texts' order
+        rows = [i for i, p in enumerate(prompts) if p == prompt]
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            features = model.preprocess([texts[i] for i in batch], prompt=prompt or None)
+            features = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in features.items()}
+            for module in list(model)[:upto]:
+                features = module(features)
+            parts.append(features["sentence_embedding"].float().cpu())
+            order += batch
+    return torch.cat(parts)[torch.argsort(torch.tensor(order))]
 
 
 class CenterTracker:
@@ -237,29 +244,38 @@ class CenterTracker:
         module.linear.bias.copy_((-mu @ rotation).to(module.linear.bias.dtype))
 
 
-def calibration_texts(train_sets, rows: int, seed: int) -> list[str]:
+def calibration_texts(
+    train_sets, rows: int, seed: int, prompts: list[dict[str, str]] | None = None
+) -> tuple[list[str], list[str]]:
     """A seeded sample of about `rows` training pairs spread evenly over the sources: their anchors and positives
-    (queries and passages both cross the calibration layer)."""
+    (queries and passages both cross the calibration layer), and the prompt each is trained with (`prompts`: each
+    source's column -> prompt; model_exploration/prompts.py)."""
     rng = random.Random(seed)
     per_source = -(-rows // max(1, len(train_sets)))
     texts: list[str] = []
-    for train in train_sets:
+    text_prompts: list[str] = []
+    for train, columns in zip(train_sets, prompts or [{}] * len(train_sets)):
         picks = sorted(rng.sample(range(len(train)), min(per_source, len(train))))
         chosen = train.select(picks)
-        texts += list(chosen["anchor"]) + list(chosen["positive"])
-    return texts
+        for column in ("anchor", "positive"):
+            texts += list(chosen[column])
+            text_prompts += [columns.get(column, "")] * len(chosen)
+    return texts, text_prompts
 
 
-def add_calibration(model, texts: list[str], center: str, rotation: str, seed: int = 0):
-    """Insert the calibration layer y = (x - mu) R after Pooling, fitted on `texts` (a sample of training texts,
-    the same on every rank: rank 0 computes it and broadcasts). Returns (layer, CenterTracker or None)."""
+def add_calibration(
+    model, texts: list[str], center: str, rotation: str, seed: int = 0, prompts: list[str] | None = None
+):
+    """Insert the calibration layer y = (x - mu) R after Pooling, fitted on `texts` (a sample of training texts
+    embedded with their `prompts`, the same on every rank: rank 0 computes it and broadcasts). Returns (layer,
+    CenterTracker or None)."""
     from sentence_transformers.sentence_transformer.modules import Dense
 
     if center not in CENTERS or rotation not in ROTATIONS:
         raise ValueError(f"calibration: center {center!r} / rotation {rotation!r}; use one of {CENTERS} / {ROTATIONS}")
     fitted = None
     if distributed.is_main_process():
-        pooled = pooled_embeddings(model, texts)
+        pooled = pooled_embeddings(model, texts, prompts=prompts)
         mu = pooled.mean(0) if center != "none" else torch.zeros(pooled.shape[1])
         if rotation == "itq":
             r = itq_rotation(pooled - mu, seed=seed)

@@ -438,6 +438,30 @@ def build_parser() -> argparse.ArgumentParser:
         "that fit the calibration layer's initial mean and rotation",
     )
 
+    g = p.add_argument_group("prompts (docs/prompts.md)")
+    g.add_argument(
+        "--query_prompt",
+        default=None,
+        metavar="TEXT",
+        help="prompt prepended to queries (anchors) in training, mining and evaluation, e.g. 'query: ' (a source's or "
+        "the mixture's own query_prompt takes precedence; saved as the model's `query` prompt)",
+    )
+    g.add_argument(
+        "--document_prompt",
+        default=None,
+        metavar="TEXT",
+        help="prompt prepended to documents (positives, negatives, benchmark corpora), e.g. 'passage: '; `query` = "
+        "the query prompt (saved as the model's `document` prompt)",
+    )
+    g.add_argument(
+        "--prompts_from_model",
+        nargs="*",
+        default=None,
+        metavar="NAME",
+        help="use the starting model's own saved prompts: by name (QUERY [DOCUMENT]), or without names those "
+        "encode_query / encode_document apply",
+    )
+
     g = p.add_argument_group("release (docs/release.md)")
     g.add_argument(
         "--push_to_hub",
@@ -520,6 +544,13 @@ def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | 
         parser.error("--push_to_hub needs --hub_model_id ORG/NAME")
     if args.hub_private_repo and not args.push_to_hub:
         parser.error("--hub_private_repo applies to --push_to_hub (data_prep/publish.py takes it too)")
+    if args.prompts_from_model is not None:
+        if args.query_prompt is not None or args.document_prompt is not None:
+            parser.error(
+                "--prompts_from_model takes both prompts from the model; drop --query_prompt / --document_prompt"
+            )
+        if len(args.prompts_from_model) > 2:
+            parser.error("--prompts_from_model takes at most two names: the query prompt's and the document prompt's")
     if args.resume_run_id and not args.resume_checkpoint_path:
         parser.error("--resume_run_id needs --resume_checkpoint_path (the run to continue)")
     stage2_only = (

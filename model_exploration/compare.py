@@ -4,13 +4,19 @@
         --output_dir DIR [--precision ubinary] [--rescore_multiplier 4]
 
 A model is a hub id or a local SentenceTransformer folder (trainer checkpoints included). Re-running skips the
-model x benchmark pairs already in DIR (same precision settings); corpus embeddings are cached per model and
-benchmark under DIR/embeddings, so adding a precision or a metric does not re-encode a corpus.
+model x benchmark pairs already in DIR (same precision and prompt settings); corpus embeddings are cached per model,
+benchmark and document prompt under DIR/embeddings, so adding a precision or a metric does not re-encode a corpus.
+
+Prompts (docs/prompts.md): each model embeds queries and documents with its own saved prompts by default, the ones
+its `encode_query` / `encode_document` apply; `--query_prompt` / `--document_prompt` (text) or
+`--query_prompt_name` / `--document_prompt_name` (a name in the model's `prompts`) override them, one value for all
+models or one per model. Each row records the prompts it used (JSON, CSV, and the table's model label).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -21,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model_exploration import config, evaluation, reporting, unpadded
+from model_exploration import config, evaluation, prompts, reporting, unpadded
 from model_exploration.benchmarks import canonical_spec, load_benchmarks
 from model_exploration.cli import HUB_DIR_ENV, doc_fields, shown_default
 from model_exploration.encoding import encode_fast
@@ -119,7 +125,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no_unpad", dest="unpad", action="store_false", help="encode with the stock padded forward of BERT models"
     )
+    for side, example in (("query", "'query: '"), ("document", "'passage: '; `query` = the query prompt")):
+        p.add_argument(
+            f"--{side}_prompt",
+            nargs="+",
+            default=None,
+            metavar="TEXT",
+            help=f"prompt for the {side} side instead of each model's own, e.g. {example} ('' = none); one for all "
+            "models or one per model",
+        )
+        p.add_argument(
+            f"--{side}_prompt_name",
+            nargs="+",
+            default=None,
+            metavar="NAME",
+            help=f"the {side} side's prompt by its name in each model's saved `prompts` (one, or one per model)",
+        )
     return p
+
+
+def per_model(values: list | None, models: list[str], flag: str) -> list:
+    """A flag's value for each model: one value for all, or one per model (None for each if not given)."""
+    if values is None:
+        return [None] * len(models)
+    if len(values) not in (1, len(models)):
+        raise UserError(f"{flag}: give one value or one per model ({len(models)}), got {len(values)}")
+    return values * len(models) if len(values) == 1 else list(values)
+
+
+def model_prompts(model, name: str, query=None, document=None, query_name=None, document_name=None):
+    """A model's query and document prompts: its own (those encode_query / encode_document apply), unless a text or
+    a name of its saved prompts is given for a side."""
+    who = f"--models {name}"
+    own = prompts.own_prompts(model.prompts, who, "--query_prompt_name", query_name)
+    if document_name:
+        own = dataclasses.replace(
+            own,
+            document=prompts.own_prompts(model.prompts, who, "--document_prompt_name", None, document_name).document,
+        )
+    query = own.query if query is None else query
+    document = own.document if document is None else document
+    given = any(v is not None for v in (query_name, document_name)) or (query, document) != (own.query, own.document)
+    return prompts.Prompts(
+        query, query if document == prompts.SYMMETRIC else document, "given" if given else own.origin
+    )
 
 
 def model_fingerprint(model_name: str) -> str:
@@ -137,15 +186,20 @@ def model_fingerprint(model_name: str) -> str:
     return short_hash(payload)
 
 
-def cached_corpus_embeddings(model, model_name: str, benchmark, args, cache_root: Path, max_len: int) -> torch.Tensor:
-    key = short_hash(f"{model_fingerprint(model_name)}|{benchmark.fingerprint()}|{max_len}")
+def cached_corpus_embeddings(
+    model, model_name: str, benchmark, args, cache_root: Path, max_len: int, prompt: str = ""
+) -> torch.Tensor:
+    # without a prompt the key is as it was before prompts existed, so those caches stay valid
+    key = short_hash(
+        f"{model_fingerprint(model_name)}|{benchmark.fingerprint()}|{max_len}" + (f"|{prompt}" * bool(prompt))
+    )
     path = cache_root / slug(model_name) / f"{slug(benchmark.name)}-{key}.npy"
     if path.exists():
         try:
             return torch.from_numpy(np.load(path))
         except (ValueError, OSError, EOFError):
             logger.warning("embedding cache %s is unreadable; encoding the corpus again", path)
-    emb = encode_fast(model, benchmark.corpus_texts, args.token_budget, max_len, show_progress_bar=True)
+    emb = encode_fast(model, benchmark.corpus_texts, args.token_budget, max_len, show_progress_bar=True, prompt=prompt)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with tmp.open("wb") as f:
@@ -196,6 +250,13 @@ def run(argv: list[str] | None = None) -> dict:
     precisions = dict(
         zip(args.models, args.precision * len(args.models) if len(args.precision) == 1 else args.precision)
     )
+    for side in ("query", "document"):
+        if getattr(args, f"{side}_prompt") is not None and getattr(args, f"{side}_prompt_name") is not None:
+            raise UserError(f"--{side}_prompt and --{side}_prompt_name both set the {side} prompt; keep one")
+    prompt_flags = {
+        flag: dict(zip(args.models, per_model(getattr(args, flag), args.models, f"--{flag}")))
+        for flag in ("query_prompt", "document_prompt", "query_prompt_name", "document_prompt_name")
+    }
     out: Path = args.output_dir
     args.benchmarks = list(dict.fromkeys(canonical_spec(b) for b in args.benchmarks))
     if args.dry_run:
@@ -213,8 +274,10 @@ def run(argv: list[str] | None = None) -> dict:
         identical = "ignore" if args.ignore_identical_ids else "keep"
         dims = ",".join(map(str, sorted(args.dims)))
         docs = ",".join(args.doc_fields or ("default",))
+        # the prompts asked for (results from before prompts existed are redone: a model's own now apply)
+        given = "|".join(str(prompt_flags[flag][model_name]) for flag in prompt_flags)
         return (f"{precisions[model_name]}|rescore={rescore}|max_len={args.max_seq_length}|identical_ids={identical}"
-                f"|dims={dims}|docs={docs}{binary}")  # fmt: skip
+                f"|dims={dims}|docs={docs}{binary}|prompts={given}")  # fmt: skip
 
     loaded: dict[str, list] = {}
     for model_name in args.models:
@@ -224,17 +287,23 @@ def run(argv: list[str] | None = None) -> dict:
             continue
         model = load_model(mirror.model(model_name), args.unpad)
         max_len = capped_len(model, args.max_seq_length or model.max_seq_length, "--max_seq_length")
+        used = model_prompts(model, model_name, *(prompt_flags[flag][model_name] for flag in prompt_flags))
+        logger.info("%s: prompts %s", model_name, used.describe())
         for spec in todo:
             if spec not in loaded:
                 loaded[spec] = load_benchmarks(spec, mirror, args.doc_fields)
             rows: dict[str, dict] = {}
             for benchmark in loaded[spec]:
-                corpus_emb = cached_corpus_embeddings(model, model_name, benchmark, args, out / "embeddings", max_len)
+                corpus_emb = cached_corpus_embeddings(
+                    model, model_name, benchmark, args, out / "embeddings", max_len, used.document
+                )
+                encode_queries = partial(encode_fast, model, token_budget=args.token_budget, max_seq_length=max_len,
+                                         prompt=used.query)  # fmt: skip
                 rows.update(
                     evaluation.evaluate_benchmark(
                         benchmark,
                         corpus_emb,
-                        partial(encode_fast, model, token_budget=args.token_budget, max_seq_length=max_len),
+                        encode_queries,
                         precisions=("float32", precisions[model_name]),
                         rescore_multiplier=args.rescore_multiplier,
                         ignore_identical_ids=args.ignore_identical_ids,
@@ -242,6 +311,8 @@ def run(argv: list[str] | None = None) -> dict:
                     )
                 )
             evaluation.add_group_means(rows, loaded[spec])
+            for row in rows.values():  # which prompts each row used
+                row.update(query_prompt=used.query, document_prompt=used.document)
             results.setdefault(model_name, {}).update(rows)
             done.setdefault(model_name, {})[spec] = signature(model_name)
             # written after every pair, so an interrupted comparison keeps what it finished

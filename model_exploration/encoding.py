@@ -6,6 +6,10 @@ device; it tokenizes in the same thread that runs the model. Here texts are toke
 sorted by token count, cut into batches of at most `token_budget` padded tokens, and a background thread pads
 the next batches (one numpy fill each) while the model runs (bf16 autocast on CUDA); embeddings are copied to the
 host without blocking, and the only synchronization is at the end. Embeddings equal `encode`'s (tested).
+
+A prompt is applied as sentence-transformers' preprocessing applies it (prompt + text, then tokenized and
+truncated) and its `prompt_length` goes with every batch, so Pooling(include_prompt=False) leaves it out here too:
+`encode_fast(model, texts, prompt=p)` equals `model.encode(texts, prompt=p)`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from tqdm.auto import tqdm
 from model_exploration import unpadded
 from model_exploration.models import inference_autocast
 from model_exploration.pretokenize import pad_ids
+from model_exploration.prompts import prompt_length
 from model_exploration.unpadded import HOST_LENGTHS
 
 TOKENIZE_CHUNK = 4096
@@ -91,12 +96,15 @@ def encode_fast(
     max_seq_length: int | None = None,
     show_progress_bar: bool = False,
     prefetch: int = 4,
+    prompt: str | None = None,
 ) -> torch.Tensor:
-    """Float32 sentence embeddings (CPU tensor, input order) of `texts`."""
+    """Float32 sentence embeddings (CPU tensor, input order) of `texts`, each after `prompt` if one is given."""
     if not texts:
         return torch.empty(0, model.get_embedding_dimension())
     tokenizer = model.tokenizer
-    encoded = _tokenize(tokenizer, texts, max_seq_length or model.max_seq_length)
+    prompted = [prompt + text for text in texts] if prompt else texts
+    length_of_prompt = prompt_length(model.preprocess, prompt)
+    encoded = _tokenize(tokenizer, prompted, max_seq_length or model.max_seq_length)
     lengths = np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))
     batches = token_budget_batches(lengths, token_budget)
     device = model.device
@@ -110,6 +118,8 @@ def encode_fast(
     padded = _padded_batches(tokenizer, encoded, batches, pin, lengths if unpadded.is_enabled(model) else None)
     for batch, features in zip(batches, _prefetch(padded, prefetch)):
         features = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in features.items()}
+        if length_of_prompt is not None:
+            features["prompt_length"] = length_of_prompt
         with inference_autocast(device):
             embeddings = model(features)["sentence_embedding"]
         in_batch_order[start : start + len(batch)].copy_(embeddings.float(), non_blocking=True)

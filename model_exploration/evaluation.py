@@ -9,6 +9,10 @@ and binary retrieval (Hamming search + rescoring) is not either. Its metric defi
 Under torchrun, evaluation runs on every rank together (sentence-transformers' distributed inference: rank 0 runs
 the evaluator, each rank encodes a shard). The evaluation max length is passed with every encode call
 (`processing_kwargs`), so it reaches the serving ranks too, and the rows equal one process's (tested).
+
+Prompts: queries are encoded with `encode_query` and documents with `encode_document`, as sentence-transformers'
+InformationRetrievalEvaluator does (`query_prompt` / `corpus_prompt`: None = the model's own; a benchmark may carry
+its own, e.g. a source's validation set its source's prompts).
 """
 
 from __future__ import annotations
@@ -45,16 +49,25 @@ PRIMARY_METRIC = "ndcg@10"
 
 
 def encode(
-    model, texts: list[str], batch_size: int, show_progress_bar: bool, max_seq_length: int | None = None
+    model,
+    texts: list[str],
+    batch_size: int,
+    show_progress_bar: bool,
+    max_seq_length: int | None = None,
+    side: str | None = None,
+    prompt: str | None = None,
 ) -> torch.Tensor:
-    """Float embeddings through SentenceTransformer.encode (length-sorted batches; under the trainer it shares the
-    work across DDP ranks). `max_seq_length` applies to this call only, on every rank, so a model trained on
-    shorter texts is still evaluated under the benchmark's protocol."""
+    """Float embeddings through SentenceTransformer.encode, or encode_query / encode_document for `side` "query" /
+    "document" (length-sorted batches; under the trainer it shares the work across DDP ranks). `max_seq_length`
+    applies to this call only, on every rank, so a model trained on shorter texts is still evaluated under the
+    benchmark's protocol. `prompt`: None = what the method applies by itself."""
     kwargs = {"processing_kwargs": {"text": {"max_length": max_seq_length}}} if max_seq_length else {}
+    method = {None: model.encode, "query": model.encode_query, "document": model.encode_document}[side]
     with inference_autocast(model.device):
-        emb = model.encode(
-            texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress_bar, **kwargs
-        )
+        emb = method(
+            texts, prompt=prompt, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=show_progress_bar,
+            **kwargs,
+        )  # fmt: skip
     return emb.float().cpu()
 
 
@@ -165,8 +178,11 @@ class RetrievalEvaluator(BaseEvaluator):
         precisions: tuple[str, ...] = ("float32",),
         ignore_identical_ids: bool = True,
         dims: Sequence[int] = (),
+        query_prompt: str | None = None,
+        corpus_prompt: str | None = None,
     ):
         super().__init__()
+        self.query_prompt, self.corpus_prompt = query_prompt, corpus_prompt
         self.dims = tuple(dims)
         self.show_progress_bar = show_progress_bar
         self.precisions = precisions
@@ -183,16 +199,18 @@ class RetrievalEvaluator(BaseEvaluator):
     def compute_rows(self, model) -> dict[str, dict]:
         rows: dict[str, dict] = {}
 
-        def encode_texts(texts: list[str]) -> torch.Tensor:
-            return encode(model, texts, self.batch_size, self.show_progress_bar, self.max_seq_length)
+        def encode_texts(texts: list[str], side: str, prompt: str | None) -> torch.Tensor:
+            return encode(model, texts, self.batch_size, self.show_progress_bar, self.max_seq_length, side, prompt)
 
         for benchmark in self.benchmarks:
-            corpus_emb = encode_texts(benchmark.corpus_texts)
+            query_prompt = self.query_prompt if benchmark.query_prompt is None else benchmark.query_prompt
+            corpus_prompt = self.corpus_prompt if benchmark.corpus_prompt is None else benchmark.corpus_prompt
+            corpus_emb = encode_texts(benchmark.corpus_texts, "document", corpus_prompt)
             rows.update(
                 evaluate_benchmark(
                     benchmark,
                     corpus_emb,
-                    encode_texts,
+                    lambda texts, prompt=query_prompt: encode_texts(texts, "query", prompt),
                     self.precisions,
                     ignore_identical_ids=self.ignore_identical_ids,
                     dims=self.dims,
@@ -225,13 +243,16 @@ def prepare_evaluators(
     precisions: tuple[str, ...] = ("float32",),
     ignore_identical_ids: bool = True,
     dims: Sequence[int] = (),
+    source_prompts: dict[str, dict[str, str]] | None = None,
 ):
     """In-training evaluators: per-source validation retrieval (primary: their mean NDCG@10) and the chosen
     benchmarks. Encoding goes through SentenceTransformer.encode, which sentence-transformers shares across DDP
-    ranks while the trainer evaluates, so ranks do not redo each other's work."""
+    ranks while the trainer evaluates, so ranks do not redo each other's work. A source's validation set is
+    embedded with its prompts (`source_prompts`: source -> column -> prompt), the benchmarks with the model's."""
     evaluators = []
     with_validation = [s for s in sources if len(s.validation)]
     group = "val/mean" if len(with_validation) > 1 else None
+    prompts_of = {name: (columns["anchor"], columns["positive"]) for name, columns in (source_prompts or {}).items()}
     validation = [
         validation_benchmark(
             f"val/{s.spec.name}",
@@ -239,6 +260,7 @@ def prepare_evaluators(
             s.validation["positive"],
             [t for c in s.validation.column_names if c.startswith("negative") for t in s.validation[c]] or None,
             group=group,
+            prompts=prompts_of.get(s.spec.name),
         )
         for s in with_validation
     ]

@@ -14,6 +14,9 @@ validation rows never become training data), the defaults, seeding, and the outp
 - seed: Python / NumPy / torch seeded before mining, and the output is in the source's row order;
 - model: the model being trained by default (the miner should agree with the trainee about what is close), on the
   GPU when there is one, with faiss when it is installed (exact search otherwise);
+- prompts: the miner embeds a source's anchors and passages with the prompts training gives them (its anchor's and
+  positive's, model_exploration/prompts.py), through mine_hard_negatives' `query_prompt` / `corpus_prompt`; the
+  mined source keeps the source's own prompt fields and the written mixture the run's prompts as its defaults;
 - memory: one mine_hard_negatives call holds every embedding, candidate list and text of the pairs it mines, so
   a source is mined in chunks that fit a budget (MiningPlan, stated before it starts), and the output is written
   as it is mined.
@@ -38,7 +41,7 @@ import yaml
 from model_exploration.errors import UserError
 from model_exploration.models import inference_autocast
 from model_exploration.reporting import write_atomic
-from model_exploration.sources import SourceSpec
+from model_exploration.sources import SourceSpec, registry_entry
 
 logger = logging.getLogger(__name__)
 
@@ -157,10 +160,13 @@ def plan_mining(
                       0 if faiss else block * chunk * 4, budget)  # fmt: skip
 
 
-def mine_source(train, model, settings: MiningSettings, plan: MiningPlan, dest: Path) -> dict:
+def mine_source(
+    train, model, settings: MiningSettings, plan: MiningPlan, dest: Path, prompts: tuple[str, str] = ("", "")
+) -> dict:
     """Mine the (anchor, positive) rows of `train` chunk by chunk as `plan` says, appending each chunk's rows
     (anchor, positive, negative[_1..k]) to `dest` as JSON lines; `dest` appears, whole, only if some row passed
-    the guard. Returns the mining statistics."""
+    the guard. `prompts`: (anchor prompt, passage prompt), "" = none (never None, which would let a model's
+    default_prompt_name apply). Returns the mining statistics."""
     from sentence_transformers.util import mine_hard_negatives
     from transformers import set_seed
 
@@ -197,6 +203,8 @@ def mine_source(train, model, settings: MiningSettings, plan: MiningPlan, dest: 
                         batch_size=settings.batch_size,
                         faiss_batch_size=plan.query_block,
                         use_faiss=importlib.util.find_spec("faiss") is not None,
+                        query_prompt=prompts[0],
+                        corpus_prompt=prompts[1],
                         verbose=True,
                     )
                 pairs_of_chunk = known_pairs(chunk)
@@ -221,7 +229,8 @@ def mine_source(train, model, settings: MiningSettings, plan: MiningPlan, dest: 
         logger.warning("%d mined rows dropped: a negative was a positive of the same anchor", false_negatives)
     return {"pairs": len(pairs), "rows": rows, "anchors_with_negatives": anchors, "chunks": plan.chunks,
             "pairs_per_chunk": plan.chunk_pairs, "memory_estimate_gb": round(plan.peak / 1e9, 2),
-            "dropped_positive_as_negative": false_negatives}  # fmt: skip
+            "dropped_positive_as_negative": false_negatives, "query_prompt": prompts[0],
+            "corpus_prompt": prompts[1]}  # fmt: skip
 
 
 def _pair_key(anchor: str, text: str) -> int:
@@ -258,6 +267,7 @@ def mined_spec(spec: SourceSpec, file: Path, settings: MiningSettings) -> dict:
     negatives = (
         "negative" if settings.num_negatives == 1 else [f"negative_{i}" for i in range(1, settings.num_negatives + 1)]
     )
+    own_prompts = {k: v for k, v in registry_entry(spec).items() if k in ("query_prompt", "document_prompt", "prompts")}
     return {
         "name": file.stem,
         "fetch": "jsonl",
@@ -267,7 +277,7 @@ def mined_spec(spec: SourceSpec, file: Path, settings: MiningSettings) -> dict:
         "negative": negatives,
         "weight": spec.weight,
         "mined": settings.describe(spec.name),
-    }
+    } | own_prompts
 
 
 def write_mined(out: Path, spec: SourceSpec, stats: dict, settings: MiningSettings) -> dict:
@@ -280,11 +290,14 @@ def write_mined(out: Path, spec: SourceSpec, stats: dict, settings: MiningSettin
     entry = mined_spec(spec, file, settings)
     if stats["chunks"] > 1:
         entry["mined"] += f", negatives from within chunks of {stats['pairs_per_chunk']} pairs"
+    if stats["query_prompt"] or stats["corpus_prompt"]:
+        entry["mined"] += f", prompts {stats['query_prompt']!r} / {stats['corpus_prompt']!r}"
     return entry
 
 
-def write_mixture(path: Path, entries: list[dict], replay: dict | None = None) -> None:
-    """A mixture file listing `entries` (registry dicts), with the Stage-1 replay section when the stage had one."""
-    payload = {"sources": entries} | ({"stage1_replay": replay} if replay else {})
+def write_mixture(path: Path, entries: list[dict], replay: dict | None = None, prompts: dict | None = None) -> None:
+    """A mixture file listing `entries` (registry dicts), with the Stage-1 replay section when the stage had one and
+    `prompts` (query_prompt / document_prompt: the defaults of its sources) when the run had them."""
+    payload = (prompts or {}) | {"sources": entries} | ({"stage1_replay": replay} if replay else {})
     header = "# Written by data_prep/mine_hard_negatives.py: the mixture with its mined pair sources.\n"
     write_atomic(path, header + yaml.safe_dump(payload, sort_keys=False, width=200))

@@ -51,10 +51,11 @@ def run_section(
     processes: int,
     eval_max_len: int,
     run_config: str | None = None,
+    prompts: str = "",
 ) -> str:
     """The card's section for this run: benchmark table (results.md's rows; `results` maps a row label such as
-    "this model" to benchmark rows), document protocols, mixture, command line and the run's configuration
-    (`run_config`: the text of TRAINING_CONFIG, which sits beside the card)."""
+    "this model" to benchmark rows), document protocols, mixture, prompts (markdown, prompts.card_section), command
+    line and the run's configuration (`run_config`: the text of TRAINING_CONFIG, which sits beside the card)."""
     lines = [SECTION_TITLE, "", "### Benchmark Results", ""]
     if results:
         protocols = sorted({f"{b.group or b.name}: {' + '.join(b.doc_fields)}" for b in benchmarks})
@@ -70,6 +71,8 @@ def run_section(
     lines += ["", "### Training Mixture", "", "A batch comes from source i with probability ~ weight_i x size_i.", ""]
     lines += ["| Source | Data | Rows read | Weight | Training pairs | Validation pairs |", "|---" * 6 + "|"]
     lines += [f"| {' | '.join(row)} |" for row in mixture_rows(sources)]
+    if prompts:
+        lines += ["", prompts.rstrip("\n")]
     launcher = f"torchrun ({processes} processes) " if processes > 1 else "python "
     lines += ["", "### Command", "", "```bash", launcher + command, "```", ""]
     if run_config is not None:

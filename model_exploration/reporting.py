@@ -78,7 +78,11 @@ def single_table(results: dict[str, dict[str, dict]]) -> str:
 
 def variants_of(model: str, row: dict) -> list[tuple[str, dict, str]]:
     """(label, metrics, precision) of every way a row was searched: float and binary at the full dimension, then
-    at each truncated dimension (Matryoshka), largest first. Precision reads `ubinary@256` for a truncation."""
+    at each truncated dimension (Matryoshka), largest first. Precision reads `ubinary@256` for a truncation. A row
+    that records prompts (compare.py) names them in its label."""
+    query, document = row.get("query_prompt", ""), row.get("document_prompt", "")
+    if query or document:
+        model = f"{model} [query {query!r}, document {document!r}]"
     out = [(model, row, "float32")] + [(f"{model} ({v})", row[v], v) for v in BINARY_VARIANTS if v in row]
     for dim, section in row.get("dims", {}).items():
         out.append((f"{model} (dim {dim})", section, f"float32@{dim}"))

@@ -4,7 +4,9 @@ beyond reading the registry file (fetching is model_exploration/fetch.py, readin
 A registry lists sources with how they are fetched (`fetch`) and where they live (hub id / config / data_dir /
 data_files, or a local file), which columns become anchor / positive / negative, and a weight. `weight` is the
 expected number of passes over a source per epoch, so a batch comes from source i with probability proportional
-to weight_i x size_i.
+to weight_i x size_i. A source's `query_prompt` / `document_prompt` / `prompts` (model_exploration/prompts.py) say
+which prompt each of its columns is embedded with; the registry's top-level `query_prompt` / `document_prompt` are
+the default of its sources.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ FIXED_HOMES = {"pubmed_baseline": "NCBI PubMed baseline", "kaggle": "Kaggle Corn
 ALL_SPLITS = "all"
 
 
-# fields that do not change a source's rows (so not its cache key)
-_NOT_IDENTITY = {"weight", "enabled", "unverified", "mined"}
+# fields that do not change a source's rows (so not its cache key; prompts are in the token cache's key)
+_NOT_IDENTITY = {"weight", "enabled", "unverified", "mined", "query_prompt", "document_prompt", "prompts"}
+# registry-wide defaults of the sources' prompts (top-level keys of a mixture file)
+PROMPT_DEFAULTS = ("query_prompt", "document_prompt")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +59,11 @@ class SourceSpec:
     unverified: str | None = None
     # how the negatives were mined (data_prep/mine_hard_negatives.py writes it; shown by --dry_run)
     mined: str | None = None
+    # prompts (model_exploration/prompts.py): the anchor's and the other columns' (None: the run's; "": none), and
+    # per output column ((column, prompt) pairs) where one column needs its own
+    query_prompt: str | None = None
+    document_prompt: str | None = None
+    prompts: tuple[tuple[str, str], ...] = ()
     # Stage-1 replay: the specs it samples from and how many rows of each (None: every row)
     replay_of: tuple[SourceSpec, ...] = ()
     rows_per_source: int | None = None
@@ -170,6 +179,8 @@ def registry_entry(spec: SourceSpec) -> dict[str, Any]:
     if spec.reads_local_file:
         # absolute: a mixture file resolves relative paths against its own folder, the registries against the repo
         entry["data_files"] = str(spec.local_path())
+    if spec.prompts:
+        entry["prompts"] = dict(spec.prompts)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in entry.items()}
 
 
@@ -193,6 +204,7 @@ def _parse_source(raw: dict[str, Any], registry: str) -> SourceSpec:
         if len(set(splits)) != len(splits):
             raise UserError(f"{registry}: source {name!r} lists a split twice in {splits}")
         raw = raw | {"splits": tuple(splits)}
+    raw = raw | _parse_prompts(raw, f"{registry}: source {name!r}")
     spec = SourceSpec(
         **{k: (str(v) if k == "config" else tuple(v) if isinstance(v, list) else v) for k, v in raw.items()}
     )
@@ -214,7 +226,30 @@ def _parse_source(raw: dict[str, Any], registry: str) -> SourceSpec:
         raise UserError(f"{registry}: source {name!r} has clean={spec.clean!r}; use one of {CLEANERS}")
     if spec.weight <= 0:
         raise UserError(f"{registry}: source {name!r} has weight {spec.weight}; weights must be > 0")
+    unknown_columns = [c for c, _ in spec.prompts if c not in spec.columns]
+    if unknown_columns:
+        raise UserError(
+            f"{registry}: source {name!r} has a prompt for column(s) {unknown_columns}, which it does not have "
+            f"(its columns: {', '.join(spec.columns)}); key `prompts` by those"
+        )
     return spec
+
+
+def _parse_prompts(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """The prompt fields of a source (or the registry's defaults) checked: texts, and `prompts` a mapping of
+    column -> text, kept as sorted (column, text) pairs (a SourceSpec is immutable)."""
+    out: dict[str, Any] = {}
+    for key in PROMPT_DEFAULTS:
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise UserError(f"{where}: `{key}` must be a text (quote it), got {raw[key]!r}")
+    if "prompts" in raw:
+        prompts = raw["prompts"]
+        if not isinstance(prompts, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()
+        ):
+            raise UserError(f"{where}: `prompts` maps a column to its prompt text, e.g. {{anchor: 'query: '}}")
+        out["prompts"] = tuple(sorted(prompts.items()))
+    return out
 
 
 def load_registry(stage: str) -> tuple[list[SourceSpec], dict[str, Any]]:
@@ -233,7 +268,15 @@ def _read_registry(path: Path) -> tuple[list[SourceSpec], dict[str, Any]]:
     names = [s.name for s in specs]
     if len(names) != len(set(names)):
         raise UserError(f"{path.name}: duplicate source names {sorted({n for n in names if names.count(n) > 1})}")
+    _parse_prompts({k: v for k, v in raw.items() if k in PROMPT_DEFAULTS}, f"mixture {path.name}")
     return specs, {k: v for k, v in raw.items() if k != "sources"}
+
+
+def mixture_prompt_defaults(stage: str, mixture: str | Path | None = None) -> tuple[str | None, str | None]:
+    """(query_prompt, document_prompt) a mixture file (or the stage's registry) sets for all its sources; None
+    where it sets none."""
+    _, extra = _read_registry(Path(mixture).resolve()) if mixture else load_registry(stage)
+    return extra.get("query_prompt"), extra.get("document_prompt")
 
 
 def _select(specs: list[SourceSpec], enable: list[str] | None, disable: list[str] | None) -> list[SourceSpec]:

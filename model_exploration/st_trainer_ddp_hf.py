@@ -33,6 +33,7 @@ from model_exploration import (
     distributed,
     evaluation,
     pretokenize,
+    prompts,
     release,
     reporting,
     tracking,
@@ -51,6 +52,7 @@ from model_exploration.models import (
     set_max_len,
     transformer_config,
 )
+from model_exploration.sources import mixture_prompt_defaults
 from model_exploration.training import (
     CHECKPOINT_MARKER,
     CheckpointCompleteCallback,
@@ -96,6 +98,16 @@ def mixture_specs(args):
     return build_dataset_configs_sample(args.enable_sources, args.disable_sources)
 
 
+def run_prompts(args, model_prompts: dict[str, str] | None) -> prompts.Prompts:
+    """The run's prompts (prompts.py): flags, the starting model's own (`model_prompts`), or the mixture file's."""
+    return prompts.run_prompts(args, mixture_prompt_defaults(args.stage, args.mixture), model_prompts)
+
+
+def source_prompts(sources, run: prompts.Prompts) -> dict[str, dict[str, str]]:
+    """Source name -> column -> prompt of the loaded sources."""
+    return {s.spec.name: prompts.source_prompts(s.spec, run) for s in sources}
+
+
 def prefetch_command(args) -> str:
     """The login-node command that fetches what this run reads (named in every 'not in the mirror' error)."""
     what = f"--mixture {args.mixture}" if args.mixture else f"--stage {args.stage}"
@@ -117,6 +129,7 @@ def print_plan(specs, args, cache_dir: Path, mirror: Mirror) -> None:
         print(f"config: {args.config}" + (f": {text}" if (text := config.description(args.config)) else ""))
     flags = config.command_line(args, cli.build_parser(), cli.machine_defaults(args))
     print(f"flags (those not at their defaults): {shlex.join(flags) or 'none'}")
+    run_prompt = plan_prompts(args, mirror)
     print(f"{args.mixture or 'stage ' + args.stage}: {len(specs)} sources; a batch comes from source i with p ~ weight_i x size_i "
           f"(sizes are known once loaded; weight share shown)")  # fmt: skip
     print(f"mirror: {mirror.root} ({'read only: --hub_dir' if mirror.offline else 'filled on demand by rank 0'})")
@@ -129,6 +142,8 @@ def print_plan(specs, args, cache_dir: Path, mirror: Mirror) -> None:
                 print(f"{'':67}mirror: {line}")
         cache = cache_path_for(cache_dir, s, args.nrows, args.seed, args.max_datapoints_per_src_for_eval)
         print(f"{'':67}cache: {cache}{built_rows(cache)}")
+        if run_prompt is not None:
+            print(f"{'':67}prompts: {prompts.describe_columns(prompts.source_prompts(s, run_prompt))}")
         for member in s.replay_of:
             print(f"{'':67}replays {member.name}: {member.describe()}")
             for line in mirror.describe(member, args.nrows):
@@ -140,7 +155,23 @@ def print_plan(specs, args, cache_dir: Path, mirror: Mirror) -> None:
                     f"{'':67}not replayed (triplet sources; --stage1_replay_triplets adds them): {', '.join(left_out)}"
                 )
     print(f"model: {args.model_name}: {model_plan(args, mirror)}")
+    saved = "the model's saved prompts (not available offline yet)"
+    print(f"prompts: {run_prompt.describe() if run_prompt else saved}")
     print(f"benchmarks: {' '.join(args.eval_benchmarks) or 'none'}")
+
+
+def plan_prompts(args, mirror: Mirror) -> prompts.Prompts | None:
+    """The run's prompts for the dry run, the model's read from its saved config (no weights); None when
+    --prompts_from_model names a model that is not here yet."""
+    model_prompts = None
+    if args.prompts_from_model is not None:
+        try:
+            model_prompts = prompts.saved_prompts(mirror.model(args.model_name))
+        except UserError:  # not in the mirror: model_plan says so
+            pass
+        if model_prompts is None:
+            return None
+    return run_prompts(args, model_prompts)
 
 
 def model_plan(args, mirror: Mirror) -> str:
@@ -175,8 +206,10 @@ def build_caches(specs, args, cache_dir: Path, mirror: Mirror) -> None:
                                       args.n_data_src, mirror, args.num_proc)  # fmt: skip
     if args.pretokenize:
         model, _ = load_model(args, mirror)
+        per_source = source_prompts(sources, run_prompts(args, model.prompts))
         for s in sources:
-            pretokenize.pretokenize_source(s, model.tokenizer, model.max_seq_length, args.num_proc)
+            pretokenize.pretokenize_source(s, model.tokenizer, model.max_seq_length, args.num_proc,
+                                           per_source[s.spec.name])  # fmt: skip
     print(f"{'source':48} {'train':>10} {'val':>6} {'dropped':>8}  cache")
     for s in sources:
         print(f"{s.spec.name:48} {len(s.train):10d} {len(s.validation):6d} {s.dropped_empty:8d}  {s.cache_path}")
@@ -266,9 +299,12 @@ def build_loss(args, model, surrogate: binary.BinarySurrogate | None):
     return loss
 
 
-def training_arguments(args, output_dir: Path, has_evaluator: bool) -> SentenceTransformerTrainingArguments:
+def training_arguments(
+    args, output_dir: Path, has_evaluator: bool, trainer_prompts: dict | None = None
+) -> SentenceTransformerTrainingArguments:
     """Identical on every rank (rank-dependent arguments deadlock DDP). The hub repo is named here (ST writes it into
-    the card's usage example) but the trainer's own push stays off: release.py says why and uploads final/."""
+    the card's usage example) but the trainer's own push stays off: release.py says why and uploads final/.
+    `trainer_prompts`: source -> column -> prompt (its collator prepends them; prompts.py)."""
     return SentenceTransformerTrainingArguments(
         output_dir=str(output_dir),
         run_name=output_dir.name,
@@ -304,6 +340,7 @@ def training_arguments(args, output_dir: Path, has_evaluator: bool) -> SentenceT
         accelerator_config={"non_blocking": torch.cuda.is_available()},
         hub_model_id=args.hub_model_id,
         hub_private_repo=args.hub_private_repo,
+        prompts=trainer_prompts,
     )
 
 
@@ -326,6 +363,8 @@ def run(argv: list[str] | None = None) -> None:
         release.check_push_target(args.hub_model_id, args.hub_private_repo)
     output_dir, resume_from = resolve_output_dir(args)
     model, native_max_len = load_model(args, mirror)
+    run_prompt = run_prompts(args, model.prompts)
+    prompts.set_model_prompts(model, run_prompt)  # checkpoints and final/ save them; encode_query applies them
     with distributed.rank0_first():  # rank 0 fetches what the mirror lacks; the others then read it
         benchmarks = [b for spec in args.eval_benchmarks for b in load_benchmarks(spec, mirror, args.doc_fields)]
     check_offline_inputs(specs, cache_dir, args.nrows, args.seed, args.max_datapoints_per_src_for_eval, mirror,
@@ -342,35 +381,48 @@ def run(argv: list[str] | None = None) -> None:
         read = ", ".join(f"{split} {rows}" for split, rows in s.rows_per_split.items())
         logger.info("source %-40s train %8d  val %4d  dropped(empty) %d%s", s.spec.name, len(s.train),
                     len(s.validation), s.dropped_empty, f"  rows read: {read}" if read else "")  # fmt: skip
+    per_source = source_prompts(sources, run_prompt)
+    for name, columns in per_source.items():
+        logger.info("source %-40s prompts: %s", name, prompts.describe_columns(columns))
+    trainer_prompts = prompts.trainer_prompts(per_source)
     collator_kwargs = {}
     if args.pretokenize:
         train_sets = {
-            s.spec.name: pretokenize.pretokenize_source(s, model.tokenizer, model.max_seq_length, args.num_proc)[0]
+            s.spec.name: pretokenize.pretokenize_source(
+                s, model.tokenizer, model.max_seq_length, args.num_proc, per_source[s.spec.name]
+            )[0]
             for s in sources
         }
         collator_kwargs["data_collator"] = pretokenize.PretokenizedCollator(
-            preprocess_fn=model.preprocess, tokenizer=model.tokenizer, host_lengths=unpadded.is_enabled(model)
+            preprocess_fn=model.preprocess,
+            tokenizer=model.tokenizer,
+            prompts=trainer_prompts or {},
+            host_lengths=unpadded.is_enabled(model),
         )
+        # the card's widget examples from the texts: ST's trainer samples them from the train datasets, which hold
+        # token ids here, and with prompts (its `dataset_name` column) it fails on rows without a text (ST 6.2)
+        model.model_card_data.set_widget_examples(DatasetDict({s.spec.name: s.train for s in sources}))
     else:
         train_sets = {s.spec.name: s.train for s in sources}
 
     precisions = ("float32", "ubinary") if args.bat else ("float32",)
     eval_max_len = capped_len(model, args.eval_max_len or native_max_len, "--eval_max_len")
-    evaluator = prepare_evaluators(sources, benchmarks, args.eval_batch_size, eval_max_len,
-                                   precisions, args.ignore_identical_ids, args.matryoshka_dims or ())  # fmt: skip
+    evaluator = prepare_evaluators(sources, benchmarks, args.eval_batch_size, eval_max_len, precisions,
+                                   args.ignore_identical_ids, args.matryoshka_dims or (), per_source)  # fmt: skip
     benchmark_evaluator = evaluation.member(evaluator, "benchmarks")
     starting_rows = (
         evaluation.benchmark_rows(model, benchmark_evaluator) if args.stage == "sample" and not resume_from else {}
     )
     if args.bat and (args.bat_center != "none" or args.bat_rotation != "none"):  # after the starting model's rows
-        texts = binary.calibration_texts([s.train for s in sources], args.bat_calibration_rows, args.seed)
-        binary.add_calibration(model, texts, args.bat_center, args.bat_rotation, args.seed)
+        texts, text_prompts = binary.calibration_texts([s.train for s in sources], args.bat_calibration_rows,
+                                                       args.seed, [per_source[s.spec.name] for s in sources])  # fmt: skip
+        binary.add_calibration(model, texts, args.bat_center, args.bat_rotation, args.seed, text_prompts)
     surrogate = binary.BinarySurrogate(args.bat, args.bat_beta_start, args.bat_beta_end) if args.bat else None
     preemption = PreemptionCallback()
     wandb_callback = tracking.wandb_callback() if args.wb_mode != "disabled" else None
     trainer = MixtureTrainer(
         model=model,
-        args=training_arguments(args, output_dir, evaluator is not None),
+        args=training_arguments(args, output_dir, evaluator is not None, trainer_prompts),
         train_dataset=DatasetDict(train_sets),
         loss=build_loss(args, model, surrogate),
         callbacks=[preemption, CheckpointCompleteCallback()]
@@ -411,7 +463,7 @@ def run(argv: list[str] | None = None) -> None:
         command = release.command_line(sys.argv[1:] if argv is None else argv)
         run_config = release.write_training_config(output_dir / config.RUN_CONFIG, final_dir)
         section = release.run_section(card_table, benchmarks, sources, command, distributed.world_size(),
-                                      eval_max_len, run_config)  # fmt: skip
+                                      eval_max_len, run_config, prompts.card_section(run_prompt, per_source))  # fmt: skip
         logger.info("model card with this run's results: %s", release.write_model_card(model, final_dir, section))
         if wandb_callback and wandb_callback.log_final_model(final_dir):  # WANDB_LOG_MODEL=end
             logger.info("final model logged to W&B as artifact model-%s", output_dir.name)

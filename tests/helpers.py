@@ -46,11 +46,20 @@ def tiny_config(arch: str, tokenizer, hidden: int = 64, layers: int = 2, dropout
                                 **({"type_vocab_size": 1} if arch != "mpnet" else {}))  # fmt: skip
 
 
-def build_tiny_model(path: Path, seed: int = 0, dropout: float = 0.1, arch: str = "bert", **config_kwargs) -> Path:
+def build_tiny_model(
+    path: Path,
+    seed: int = 0,
+    dropout: float = 0.1,
+    arch: str = "bert",
+    prompts: dict[str, str] | None = None,
+    include_prompt: bool = True,
+    **config_kwargs,
+) -> Path:
     """A tiny random SentenceTransformer (2 layers, hidden 64, mean pooling, max_seq_length 128): fast enough to
     train and evaluate in seconds on one core. The RoBERTa family and MPNet take the fixture's byte-level BPE (pad
     id 1, so their positions start at 2, as the real ones), the others the all-MiniLM-L6-v2 tokenizer. `dropout` 0
-    makes training-mode forwards deterministic (for comparisons of losses across processes)."""
+    makes training-mode forwards deterministic (for comparisons of losses across processes). `prompts` are saved
+    with the model (config_sentence_transformers.json); `include_prompt` is its Pooling's."""
     import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules import Transformer
@@ -64,7 +73,8 @@ def build_tiny_model(path: Path, seed: int = 0, dropout: float = 0.1, arch: str 
     AutoModel.from_config(config).save_pretrained(raw)
     tokenizer.save_pretrained(raw)
     transformer = Transformer(str(raw), max_seq_length=128)
-    model = SentenceTransformer(modules=[transformer, Pooling(config.hidden_size, "mean")], device="cpu")
+    pooling = Pooling(config.hidden_size, "mean", include_prompt=include_prompt)
+    model = SentenceTransformer(modules=[transformer, pooling], device="cpu", prompts=prompts)
     model.save(str(path / "model"))
     return path / "model"
 
