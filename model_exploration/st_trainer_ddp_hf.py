@@ -431,6 +431,7 @@ def run(argv: list[str] | None = None) -> None:
         evaluator=evaluator,
         source_weights={s.spec.name: s.spec.weight for s in sources},
         same_source_global_batch=args.same_source_global_batch,
+        saved_max_len=eval_max_len,
         lr_schedule=dict(
             lr_min=args.lr_min_custom,
             cycle_steps=args.cosine_cycle_steps_custom,

@@ -34,16 +34,32 @@ class MixtureTrainer(SentenceTransformerTrainer):
         source_weights: dict[str, float],
         lr_schedule: dict | None = None,
         same_source_global_batch: bool = False,
+        saved_max_len: int | None = None,
         **kwargs,
     ):
         self.source_weights = source_weights
         self.same_source_global_batch = same_source_global_batch
         self.custom_lr = lr_schedule
+        self.saved_max_len = saved_max_len
         self._since = time.perf_counter()
         super().__init__(*args, **kwargs)
         self.flops = throughput.EncoderFlops.of(self.model)
         self.token_counter = TokenCounter(self.flops.window)
         self.peak_flops = throughput.matmul_peak_flops(self.args.device)
+
+    # -- saving
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Checkpoints and final/ saved with `saved_max_len` as their max_seq_length (the evaluation's: the protocol
+        their scores were computed under), not the training length, so encode / encode_query of the saved model give
+        the embeddings the evaluation scored (a run that trains at 128 tokens for speed keeps a 256-token model)."""
+        if self.saved_max_len is None:
+            return super().save_model(output_dir, _internal_call)
+        trained = self.model.max_seq_length
+        self.model.max_seq_length = self.saved_max_len
+        try:
+            return super().save_model(output_dir, _internal_call)
+        finally:
+            self.model.max_seq_length = trained
 
     # -- data: one NO_DUPLICATES sampler per source, mixed by weight x size
     def get_batch_sampler(self, dataset, batch_size, drop_last, valid_label_columns=None, generator=None, seed=0):
