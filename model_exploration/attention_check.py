@@ -158,11 +158,12 @@ def model_batch(model, lengths=KERNEL_LENGTHS, seed: int = 0) -> dict[str, torch
     tokenizer, device = model.tokenizer, model.device
     lengths = [min(n, model.max_seq_length) for n in lengths]
     generator = torch.Generator().manual_seed(seed)
-    low = max(tokenizer.all_special_ids) + 1
+    special = torch.tensor(tokenizer.all_special_ids)
+    ordinary = torch.arange(len(tokenizer))[~torch.isin(torch.arange(len(tokenizer)), special)]
     ids = torch.full((len(lengths), max(lengths)), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for row, n in enumerate(lengths):
-        ids[row, :n] = torch.randint(low, len(tokenizer), (n,), generator=generator)
+        ids[row, :n] = ordinary[torch.randint(len(ordinary), (n,), generator=generator)]
         mask[row, :n] = 1
     features = {"input_ids": ids, "attention_mask": mask}
     if "token_type_ids" in model.tokenizer.model_input_names:
