@@ -63,6 +63,7 @@ eqat_tag=""
 mined_tag=""
 [ "$negatives" = 3 ] || mined_tag=".n$negatives"
 mined="$out/mined$mined_tag"
+mined_data=(--mixture "$mined/mixture.yaml")
 if [[ " ${variants[*]} " == *" mined"* && ! -f "$mined/mixture.yaml" ]]; then
   python data_prep/mine_hard_negatives.py "${data[@]}" --model_name "$base" --model_max_len 128 \
       --max_datapoints_per_src_for_eval 0 --num_negatives "$negatives" --output_base "$out/runs" --out "$mined"
@@ -79,7 +80,7 @@ for seed in "${seeds[@]}"; do
     tag=""
     case $variant in
       pairs) flags=("${data[@]}") ;;
-      mined) flags=(--mixture "$mined/mixture.yaml"); tag=$mined_tag ;;
+      mined) flags=("${mined_data[@]}"); tag=$mined_tag ;;
       matryoshka) flags=("${data[@]}" "${mrl[@]}") ;;
       matryoshka_eq) flags=("${data[@]}" "${mrl[@]}" --matryoshka_weights 1 1 1 1) ;;
       eqat_tanh) flags=("${data[@]}" "${eqat[@]}"); tag=$eqat_tag ;;
@@ -87,9 +88,9 @@ for seed in "${seeds[@]}"; do
       eqat_center) flags=("${data[@]}" "${eqat[@]}" --bat_center mean); tag=$eqat_tag ;;
       eqat_itq) flags=("${data[@]}" "${eqat[@]}" --bat_center mean --bat_rotation itq); tag=$eqat_tag ;;
       eqat_asym) flags=("${data[@]}" "${eqat[@]}" --bat_asymmetric); tag=$eqat_tag ;;
-      mined_eqat) flags=(--mixture "$mined/mixture.yaml" "${eqat[@]}"); tag=$eqat_tag$mined_tag ;;
-      mined_eqat_asym) flags=(--mixture "$mined/mixture.yaml" "${eqat[@]}" --bat_asymmetric); tag=$eqat_tag$mined_tag ;;
-      mined_eqat_mrl) flags=(--mixture "$mined/mixture.yaml" "${eqat[@]}" "${mrl[@]}"); tag=$eqat_tag$mined_tag ;;
+      mined_eqat) flags=("${mined_data[@]}" "${eqat[@]}"); tag=$eqat_tag$mined_tag ;;
+      mined_eqat_asym) flags=("${mined_data[@]}" "${eqat[@]}" --bat_asymmetric); tag=$eqat_tag$mined_tag ;;
+      mined_eqat_mrl) flags=("${mined_data[@]}" "${eqat[@]}" "${mrl[@]}"); tag=$eqat_tag$mined_tag ;;
     esac
     train "$variant$tag-s$seed" "${flags[@]}" --seed "$seed"
     models+=("$out/runs/$variant$tag-s$seed/final")
