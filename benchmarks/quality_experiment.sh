@@ -23,6 +23,8 @@
 #   SURROGATE=annealed_tanh FLOAT_WEIGHT=0.5 NEGATIVES=7 ...   # the 1-bit settings (defaults tanh, 1.0, 3); a setting
 #       other than its default is part of the run name (mined_eqat.annealed_tanh.w0.5.n7-s0), so the settings of
 #       a grid share one folder, one plain fine-tune and one table
+#   TRAIN_ONLY=1 ...   # train the runs and stop: train a grid in parallel processes (one per setting, each with
+#       OMP_NUM_THREADS=cores/processes), then run once without it to score every model into one table
 #   DEV=1 bash benchmarks/quality_experiment.sh OUT 160 0                  # choose settings on the development split:
 #       150 held-out SciFact *train* claims against the SciFact corpus, trained without their pairs
 #       (benchmarks/dev_split.py); the test split is not read
@@ -59,7 +61,7 @@ float_weight=${FLOAT_WEIGHT:-1.0}
 negatives=${NEGATIVES:-3}
 eqat_tag=""
 [ "$surrogate" = tanh ] || eqat_tag+=".$surrogate"
-[ "$float_weight" = 1.0 ] || eqat_tag+=".w$float_weight"
+python -c "import sys; sys.exit(float(sys.argv[1]) == 1)" "$float_weight" && eqat_tag+=".w$float_weight"
 mined_tag=""
 [ "$negatives" = 3 ] || mined_tag=".n$negatives"
 mined="$out/mined$mined_tag"
@@ -96,6 +98,7 @@ for seed in "${seeds[@]}"; do
     models+=("$out/runs/$variant$tag-s$seed/final")
   done
 done
+[ "${TRAIN_ONLY:-0}" = 1 ] && exit 0
 python model_exploration/compare.py --models "${models[@]}" --benchmarks "$benchmark" --output_dir "$out/eval" \
     --precision ubinary --rescore_multiplier 4 --dims 256 128 64 --no_charts
 python benchmarks/summarize_seeds.py "$out/eval/results.json" --benchmark "$row" | tee "$out/summary.md"
