@@ -24,7 +24,8 @@
 #       other than its default is part of the run name (mined_eqat.annealed_tanh.w0.5.n7-s0), so the settings of
 #       a grid share one folder, one plain fine-tune and one table
 #   TRAIN_ONLY=1 ...   # train the runs and stop: train a grid in parallel processes (one per setting, each with
-#       OMP_NUM_THREADS=cores/processes), then run once without it to score every model into one table
+#       OMP_NUM_THREADS=cores/processes), then run once without it to score every model into one table; a setting
+#       that needs a new mined mixture (NEGATIVES) mines it in its first process: start the others once it exists
 #   DEV=1 bash benchmarks/quality_experiment.sh OUT 160 0                  # choose settings on the development split:
 #       150 held-out SciFact *train* claims against the SciFact corpus, trained without their pairs
 #       (benchmarks/dev_split.py); the test split is not read
@@ -61,7 +62,9 @@ float_weight=${FLOAT_WEIGHT:-1.0}
 negatives=${NEGATIVES:-3}
 eqat_tag=""
 [ "$surrogate" = tanh ] || eqat_tag+=".$surrogate"
-python -c "import sys; sys.exit(float(sys.argv[1]) == 1)" "$float_weight" && eqat_tag+=".w$float_weight"
+[[ $float_weight =~ ^[0-9]*\.?[0-9]+$ ]] || { echo "FLOAT_WEIGHT: '$float_weight' is not a number >= 0" >&2; exit 2; }
+[[ $negatives =~ ^[1-9][0-9]*$ ]] || { echo "NEGATIVES: '$negatives' is not a whole number >= 1" >&2; exit 2; }
+awk -v w="$float_weight" 'BEGIN { exit (w + 0 == 1) }' && eqat_tag+=".w$float_weight"  # 1, 1.0, 1.00: the default
 mined_tag=""
 [ "$negatives" = 3 ] || mined_tag=".n$negatives"
 mined="$out/mined$mined_tag"
